@@ -1,0 +1,1 @@
+"""FastAPI app: REST under /v1. Never imports torch."""

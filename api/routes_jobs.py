@@ -1,0 +1,61 @@
+"""/v1/jobs: create, get, list."""
+
+from __future__ import annotations
+
+import logging
+from typing import Annotated
+
+from fastapi import APIRouter, HTTPException, Query, Response
+
+from api.deps import SessionDep, SettingsDep
+from api.schemas import JobOut, JobPage
+from jobs import lifecycle
+from jobs.models import Job
+from jobs.queue import enqueue
+from jobs.spec import JobSpec
+from jobs.states import FailureReason
+
+log = logging.getLogger(__name__)
+router = APIRouter(prefix="/v1/jobs", tags=["jobs"])
+
+
+@router.post("", status_code=201, response_model=JobOut)
+def create_job(
+    spec: JobSpec, session: SessionDep, settings: SettingsDep, response: Response
+) -> JobOut:
+    job = lifecycle.create_job(session, spec)
+    session.commit()
+    try:
+        enqueue(settings, job.id)
+    except Exception as e:  # broker down: the job must not sit queued forever
+        log.exception("could not enqueue job %s", job.id)
+        lifecycle.fail_unstarted(
+            session, job.id, FailureReason.internal,
+            f"the job was stored but the broker could not be reached: {e}",
+        )
+        session.commit()
+        raise HTTPException(503, f"broker unreachable, job {job.id} not started: {e}") from e
+    response.headers["Location"] = f"/v1/jobs/{job.id}"
+    return JobOut.of(job)
+
+
+@router.get("/{job_id}", response_model=JobOut)
+def get_job(job_id: str, session: SessionDep) -> JobOut:
+    job = session.get(Job, job_id)
+    if job is None:
+        raise HTTPException(404, f"no job with id {job_id}")
+    return JobOut.of(job)
+
+
+@router.get("", response_model=JobPage)
+def list_jobs(
+    session: SessionDep,
+    limit: Annotated[int, Query(ge=1, le=200)] = 50,
+    cursor: Annotated[str | None, Query(description="next_cursor of the previous page")] = None,
+) -> JobPage:
+    """Jobs, newest first."""
+    try:
+        jobs, nxt = lifecycle.list_jobs(session, limit, cursor)
+    except ValueError as e:
+        raise HTTPException(422, f"cursor: {e}") from e
+    return JobPage(items=[JobOut.of(j) for j in jobs], next_cursor=nxt)

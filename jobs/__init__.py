@@ -1,0 +1,1 @@
+"""The job: its spec, states and transitions, persistence and settings. No torch."""

@@ -1,0 +1,133 @@
+"""Every change of a job's state goes through here, each a fenced UPDATE.
+
+A worker's writes carry the attempt it claimed; once the job has moved on (another attempt,
+a cancel), they match no row and are ignored, so a stale worker can never overwrite a newer one.
+"""
+
+from __future__ import annotations
+
+import base64
+import json
+from datetime import datetime
+from typing import Any
+
+from sqlalchemy import and_, or_, select, update
+from sqlalchemy.orm import Session
+
+from jobs.models import Job, utcnow
+from jobs.spec import JobSpec
+from jobs.states import FailureReason, State, check_transition
+
+
+def create_job(session: Session, spec: JobSpec) -> Job:
+    job = Job(
+        model_id=spec.model_id,
+        revision=spec.revision,
+        method=spec.method.value,
+        bits=spec.bits,
+        group_size=spec.group_size,
+        symmetric=spec.symmetric,
+        calibration=spec.calibration.model_dump(),
+        evaluation=spec.evaluation.model_dump(),
+        state=State.queued.value,
+        attempt=0,
+    )
+    session.add(job)
+    session.flush()
+    return job
+
+
+def job_spec(job: Job) -> JobSpec:
+    return JobSpec(
+        model_id=job.model_id,
+        revision=job.revision,
+        method=job.method,
+        bits=job.bits,
+        group_size=job.group_size,
+        symmetric=job.symmetric,
+        calibration=job.calibration,
+        evaluation=job.evaluation,
+    )
+
+
+def _fenced(
+    session: Session, job_id: str, src: State, seen_attempt: int, dst: State, **values: Any
+) -> bool:
+    """UPDATE ... WHERE state = src AND attempt = seen_attempt: true when this caller won."""
+    check_transition(src, dst)
+    res = session.execute(
+        update(Job)
+        .where(Job.id == job_id, Job.state == src.value, Job.attempt == seen_attempt)
+        .values(state=dst.value, updated_at=utcnow(), **values)
+    )
+    return res.rowcount == 1
+
+
+def claim(session: Session, job_id: str, worker: str) -> int | None:
+    """Move a queued job to running; returns the attempt number claimed, or None when the job
+    is not claimable (already running elsewhere, finished, cancelled, unknown)."""
+    job = session.get(Job, job_id)
+    if job is None or job.state != State.queued.value:
+        return None
+    seen = job.attempt
+    ok = _fenced(
+        session, job_id, State.queued, seen, State.running,
+        attempt=seen + 1, worker=worker, started_at=utcnow(), phase="starting",
+        progress_done=0, progress_total=0,
+    )
+    return seen + 1 if ok else None
+
+
+def record_progress(
+    session: Session, job_id: str, attempt: int, phase: str, done: int, total: int, message: str
+) -> bool:
+    res = session.execute(
+        update(Job)
+        .where(Job.id == job_id, Job.state == State.running.value, Job.attempt == attempt)
+        .values(phase=phase, progress_done=done, progress_total=total,
+                progress_message=message, updated_at=utcnow())
+    )
+    return res.rowcount == 1
+
+
+def succeed(session: Session, job_id: str, attempt: int, results: dict[str, Any]) -> bool:
+    return _fenced(session, job_id, State.running, attempt, State.succeeded,
+                   results=results, phase="done", finished_at=utcnow())
+
+
+def fail(
+    session: Session, job_id: str, attempt: int, reason: FailureReason, message: str
+) -> bool:
+    return _fenced(session, job_id, State.running, attempt, State.failed,
+                   failure_reason=reason.value, failure_message=message, finished_at=utcnow())
+
+
+def fail_unstarted(session: Session, job_id: str, reason: FailureReason, message: str) -> bool:
+    """Fail a job no worker has claimed yet (e.g. it could not be handed to the broker)."""
+    return _fenced(session, job_id, State.queued, 0, State.failed,
+                   failure_reason=reason.value, failure_message=message, finished_at=utcnow())
+
+
+# Cursor pagination over (created_at, id), newest first: stable under concurrent inserts.
+def encode_cursor(job: Job) -> str:
+    raw = json.dumps([job.created_at.isoformat(), job.id]).encode()
+    return base64.urlsafe_b64encode(raw).decode().rstrip("=")
+
+
+def decode_cursor(cursor: str) -> tuple[datetime, str]:
+    try:
+        raw = base64.urlsafe_b64decode(cursor + "=" * (-len(cursor) % 4))
+        created, job_id = json.loads(raw)
+        return datetime.fromisoformat(created), str(job_id)
+    except (ValueError, TypeError) as e:
+        raise ValueError("cursor is not one this API returned") from e
+
+
+def list_jobs(session: Session, limit: int, cursor: str | None = None) -> tuple[list[Job], str | None]:
+    q = select(Job).order_by(Job.created_at.desc(), Job.id.desc())
+    if cursor:
+        created, job_id = decode_cursor(cursor)
+        q = q.where(or_(Job.created_at < created, and_(Job.created_at == created, Job.id < job_id)))
+    rows = list(session.scalars(q.limit(limit + 1)))
+    nxt = encode_cursor(rows[limit - 1]) if len(rows) > limit else None
+    return rows[:limit], nxt

@@ -1,0 +1,106 @@
+"""JobSpec: what a team submits. Validation errors name the field and the reason."""
+
+from __future__ import annotations
+
+import re
+from enum import StrEnum
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, field_validator
+
+
+class Method(StrEnum):
+    rtn = "rtn"
+
+
+# Bit widths with a packed layout and a kernel path (see kernels/packing.py).
+METHOD_BITS: dict[Method, tuple[int, ...]] = {Method.rtn: (2, 3, 4, 8)}
+GROUP_SIZES = (-1, 32, 64, 128, 256)
+CALIBRATION_DATASETS = ("wiki-excerpt",)
+
+_MODEL_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*(/[A-Za-z0-9][A-Za-z0-9._-]*)?$")
+
+
+class CalibrationSpec(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    dataset: str = Field(default="wiki-excerpt", examples=["wiki-excerpt"])
+    n_samples: int = Field(default=32, ge=1, le=4096)
+    seq_len: int = Field(default=512, ge=16, le=32768)
+    seed: int = Field(default=0, ge=0)
+
+    @field_validator("dataset")
+    @classmethod
+    def _known_dataset(cls, v: str) -> str:
+        if v not in CALIBRATION_DATASETS:
+            raise ValueError(f"unknown dataset {v!r}; available: {', '.join(CALIBRATION_DATASETS)}")
+        return v
+
+
+class EvaluationSpec(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    seq_len: int = Field(default=512, ge=16, le=32768)
+    max_windows: int | None = Field(
+        default=16, ge=1, description="Evaluate at most this many windows (None: all)."
+    )
+
+
+class JobSpec(BaseModel):
+    model_config = ConfigDict(
+        extra="forbid",
+        json_schema_extra={
+            "examples": [
+                {
+                    "model_id": "HuggingFaceTB/SmolLM2-135M-Instruct",
+                    "revision": "main",
+                    "method": "rtn",
+                    "bits": 4,
+                    "group_size": 64,
+                    "symmetric": False,
+                    "calibration": {"dataset": "wiki-excerpt", "n_samples": 32,
+                                    "seq_len": 512, "seed": 0},
+                }
+            ]
+        },
+    )
+
+    model_id: str = Field(min_length=1, max_length=200, description="Hub id (owner/name).")
+    revision: str = Field(default="main", min_length=1, max_length=200)
+    method: Method = Method.rtn
+    bits: int = 4
+    group_size: int = Field(default=128, description="Columns per group; -1 is per-channel.")
+    symmetric: bool = False
+    calibration: CalibrationSpec = Field(default_factory=CalibrationSpec)
+    evaluation: EvaluationSpec = Field(default_factory=EvaluationSpec)
+
+    @field_validator("model_id")
+    @classmethod
+    def _model_id_shape(cls, v: str) -> str:
+        v = v.strip()
+        if not v:
+            raise ValueError("must not be empty")
+        if not _MODEL_ID.match(v):
+            raise ValueError(f"{v!r} is not a Hub model id such as 'owner/name'")
+        return v
+
+    @field_validator("bits")
+    @classmethod
+    def _bits_for_method(cls, v: int, info: ValidationInfo) -> int:
+        method = info.data.get("method")
+        allowed = METHOD_BITS.get(method, ()) if method else ()
+        if method and v not in allowed:
+            raise ValueError(
+                f"{method.value} cannot produce {v}-bit weights; choose one of "
+                f"{', '.join(map(str, allowed))}"
+            )
+        return v
+
+    @field_validator("group_size")
+    @classmethod
+    def _group_size(cls, v: int) -> int:
+        if v not in GROUP_SIZES:
+            raise ValueError(
+                f"{v} is not a supported group size; choose one of 32, 64, 128, 256 or -1 "
+                "(per-channel)"
+            )
+        return v

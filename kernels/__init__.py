@@ -1,0 +1,1 @@
+"""Packed integer weight layouts and the code that computes with them."""

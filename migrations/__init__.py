@@ -1,0 +1,1 @@
+"""Alembic migrations against jobs' metadata (`quantfoundry db upgrade`)."""

@@ -1,0 +1,1 @@
+"""Evaluation: perplexity (and, later, KL divergence and agreement against the base model)."""

@@ -1,0 +1,1 @@
+"""Quantization methods. Each has pure math (this package) producing `QuantizedWeight`."""

@@ -1,0 +1,62 @@
+"""What the walker asks of a method, and the per-module quantization scheme."""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Protocol
+
+from torch import nn
+
+from quantcore.qtensor import QuantizedWeight
+
+
+@dataclass(frozen=True)
+class QuantScheme:
+    bits: int
+    group_size: int  # -1: per output channel
+    symmetric: bool
+
+
+@dataclass(frozen=True)
+class SchemeMap:
+    """Which scheme a module gets: the default, or the first override whose regex matches.
+
+    Modules matching an `ignore` pattern stay in floating point.
+    """
+
+    default: QuantScheme
+    overrides: tuple[tuple[str, QuantScheme], ...] = ()
+    ignore: tuple[str, ...] = field(default=("lm_head",))
+
+    def scheme_for(self, name: str) -> QuantScheme | None:
+        if any(re.search(p, name) for p in self.ignore):
+            return None
+        for pattern, scheme in self.overrides:
+            if re.search(pattern, name):
+                return scheme
+        return self.default
+
+
+ModuleDone = Callable[[str, QuantizedWeight, float], None]
+
+
+class LayerMethod(Protocol):
+    """A method quantizes the Linears of one decoder block.
+
+    `forward` runs the block (with its current weights) over the captured calibration inputs;
+    methods that need statistics attach hooks and call it. `on_module(name, qweight, error)`
+    is called after each module.
+    """
+
+    name: str
+    needs_calibration: bool
+
+    def quantize_block(
+        self,
+        block: nn.Module,
+        modules: dict[str, tuple[nn.Linear, QuantScheme]],
+        forward: Callable[[], None],
+        on_module: ModuleDone,
+    ) -> dict[str, QuantizedWeight]: ...

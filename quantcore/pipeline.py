@@ -1,0 +1,174 @@
+"""The phases of one quantization run: resolve and load, calibrate, quantize layer by layer,
+write the artifact, verify it. Callable from a notebook, the CLI's local mode or a worker."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import torch
+
+from quantcore.artifact import load_dequantized, write_artifact
+from quantcore.data.datasets import BUILTIN, calibration_samples, evaluation_tokens
+from quantcore.errors import BadRequestError
+from quantcore.eval.perplexity import perplexity
+from quantcore.methods.base import LayerMethod, QuantScheme, SchemeMap
+from quantcore.methods.rtn_method import RTN
+from quantcore.models.loading import load_causal_lm
+from quantcore.walker import LayerEvent, ModuleEvent, quantize_model
+
+METHODS: dict[str, Callable[[], LayerMethod]] = {"rtn": RTN}
+
+
+@dataclass(frozen=True)
+class Calibration:
+    dataset: str = BUILTIN
+    n_samples: int = 32
+    seq_len: int = 512
+    seed: int = 0
+
+
+@dataclass(frozen=True)
+class Evaluation:
+    dataset: str = BUILTIN
+    seq_len: int = 512
+    max_windows: int | None = 16
+
+
+@dataclass(frozen=True)
+class QuantizeRequest:
+    model_id: str
+    revision: str = "main"
+    method: str = "rtn"
+    bits: int = 4
+    group_size: int = 128
+    symmetric: bool = False
+    calibration: Calibration = field(default_factory=Calibration)
+    evaluation: Evaluation = field(default_factory=Evaluation)
+    ignore: tuple[str, ...] = ("lm_head",)
+
+
+@dataclass(frozen=True)
+class Progress:
+    """A phase's progress: `done` of `total` steps, with a line for people."""
+
+    phase: str
+    done: int
+    total: int
+    message: str
+
+
+@dataclass
+class RunResult:
+    ppl_base: float
+    ppl_quant: float
+    ppl_change_pct: float
+    eval_tokens: int
+    eval_windows: int
+    eval_seq_len: int
+    artifact_path: str
+    artifact_bytes: int
+    quantized_modules: int
+    num_layers: int
+    seconds: dict[str, float]
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+def _check(req: QuantizeRequest, model: torch.nn.Module) -> None:
+    if req.method not in METHODS:
+        raise BadRequestError(f"unknown method {req.method!r}; available: {sorted(METHODS)}")
+    if req.group_size != -1 and req.group_size <= 0:
+        raise BadRequestError(f"group_size must be positive or -1, got {req.group_size}")
+
+
+def run(
+    req: QuantizeRequest,
+    out_dir: Path,
+    on_progress: Callable[[Progress], None] = lambda p: None,
+    should_cancel: Callable[[], bool] | None = None,
+    device: str | torch.device | None = None,
+) -> RunResult:
+    device = device or ("cuda" if torch.cuda.is_available() else "cpu")
+    seconds: dict[str, float] = {}
+    t = time.perf_counter()
+
+    def phase_done(name: str) -> None:
+        nonlocal t
+        now = time.perf_counter()
+        seconds[name] = round(now - t, 3)
+        t = now
+
+    on_progress(Progress("load", 0, 1, f"loading {req.model_id}@{req.revision}"))
+    model, tokenizer, snapshot = load_causal_lm(req.model_id, req.revision)
+    _check(req, model)
+    phase_done("load")
+
+    ev = req.evaluation
+    eval_tokens = evaluation_tokens(tokenizer, ev.dataset)
+
+    def eval_progress(phase: str, label: str) -> Callable[[int, int], None]:
+        return lambda i, n: on_progress(Progress(phase, i, n, f"{label}: window {i}/{n}"))
+
+    model.to(device)
+    base = perplexity(model, eval_tokens, ev.seq_len, ev.max_windows, device,
+                      eval_progress("evaluate_base", "base model perplexity"))
+    model.to("cpu")
+    phase_done("evaluate_base")
+
+    cal = req.calibration
+    on_progress(Progress("calibrate", 0, 1, f"{cal.n_samples} samples of {cal.seq_len} tokens"))
+    samples = calibration_samples(tokenizer, cal.dataset, cal.n_samples, cal.seq_len, cal.seed)
+    phase_done("calibrate")
+
+    scheme = QuantScheme(req.bits, req.group_size, req.symmetric)
+    schemes = SchemeMap(default=scheme, ignore=req.ignore)
+
+    def module_progress(e: ModuleEvent) -> None:
+        on_progress(Progress("quantize", e.layer - 1, e.num_layers,
+                             f"layer {e.layer}/{e.num_layers} {e.module}: "
+                             f"error {e.error:.2e} ({e.seconds:.2f}s)"))
+
+    def layer_progress(e: LayerEvent) -> None:
+        on_progress(Progress("quantize", e.layer, e.num_layers,
+                             f"layer {e.layer}/{e.num_layers} done: output error "
+                             f"{e.output_error:.2e} ({e.seconds:.2f}s)"))
+
+    quantized = quantize_model(
+        model, samples, METHODS[req.method](), schemes, device=device,
+        on_module=module_progress, on_layer=layer_progress, should_cancel=should_cancel,
+    )
+    num_layers = len({k.rsplit(".", 2)[0] for k in quantized})
+    phase_done("quantize")
+
+    on_progress(Progress("save", 0, 1, f"writing {out_dir}"))
+    info = write_artifact(
+        model, quantized, snapshot, out_dir,
+        (req.bits, req.group_size, req.symmetric), list(req.ignore),
+        recipe={"quantfoundry": asdict(req)},
+    )
+    del model
+    phase_done("save")
+
+    # Verify what will be published: the packed bytes, read back from the artifact.
+    qmodel = load_dequantized(out_dir).to(device)
+    quant = perplexity(qmodel, eval_tokens, ev.seq_len, ev.max_windows, device,
+                       eval_progress("verify", "quantized model perplexity"))
+    phase_done("verify")
+
+    return RunResult(
+        ppl_base=base.ppl,
+        ppl_quant=quant.ppl,
+        ppl_change_pct=100.0 * (quant.ppl / base.ppl - 1.0),
+        eval_tokens=quant.tokens,
+        eval_windows=quant.windows,
+        eval_seq_len=ev.seq_len,
+        artifact_path=str(out_dir),
+        artifact_bytes=info.total_bytes,
+        quantized_modules=len(quantized),
+        num_layers=num_layers,
+        seconds=seconds,
+    )

@@ -1,0 +1,171 @@
+"""The layer walker: quantize a model one decoder block at a time.
+
+Captures the inputs of the first block, then for each block: moves it to the compute device,
+lets the method quantize its Linears (running the block over the captured inputs when the
+method needs statistics), runs the quantized block to produce the next block's inputs, and
+moves it back. Only one block's weights are on the device at a time.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from quantcore.errors import CancelledError
+from quantcore.methods.base import LayerMethod, SchemeMap
+from quantcore.methods.rtn_method import relative_error
+from quantcore.models.loading import decoder_layers, linear_modules
+from quantcore.qtensor import QuantizedWeight
+
+
+@dataclass(frozen=True)
+class ModuleEvent:
+    """Reported after each module: layer i of N (1-based), module name, error, seconds."""
+
+    layer: int
+    num_layers: int
+    module: str
+    error: float
+    seconds: float
+
+
+@dataclass(frozen=True)
+class LayerEvent:
+    layer: int
+    num_layers: int
+    output_error: float
+    seconds: float
+
+
+class _Captured(Exception):
+    pass
+
+
+@dataclass
+class _Batch:
+    hidden: torch.Tensor
+    kwargs: dict
+
+
+def _first_output(out):
+    return out[0] if isinstance(out, tuple) else out
+
+
+def _to(obj, device):
+    if isinstance(obj, torch.Tensor):
+        return obj.to(device)
+    if isinstance(obj, tuple):
+        return tuple(_to(o, device) for o in obj)
+    if isinstance(obj, list):
+        return [_to(o, device) for o in obj]
+    if isinstance(obj, dict):
+        return {k: _to(v, device) for k, v in obj.items()}
+    return obj
+
+
+@torch.no_grad()
+def capture_block_inputs(
+    model: nn.Module, blocks: nn.ModuleList, samples: torch.Tensor, batch_size: int, device
+) -> list[_Batch]:
+    """Run the embeddings for each batch and stop at the first block, keeping its inputs."""
+    captured: list[_Batch] = []
+
+    def hook(_mod, args, kwargs):
+        hidden = args[0] if args else kwargs.pop("hidden_states")
+        kw = {k: v for k, v in kwargs.items() if k != "hidden_states"}
+        kw["use_cache"] = False
+        kw.pop("past_key_values", None)
+        kw.pop("past_key_value", None)
+        captured.append(_Batch(hidden.detach(), kw))
+        raise _Captured
+
+    # Only the parts before the first block run, so they alone need to be on the device.
+    before = _modules_before_blocks(model, blocks)
+    for m in before:
+        m.to(device)
+    handle = blocks[0].register_forward_pre_hook(hook, with_kwargs=True)
+    try:
+        for start in range(0, samples.shape[0], batch_size):
+            try:
+                model(input_ids=samples[start : start + batch_size].to(device), use_cache=False)
+            except _Captured:
+                pass
+    finally:
+        handle.remove()
+        for m in before:
+            m.to("cpu")
+    return captured
+
+
+def _modules_before_blocks(model: nn.Module, blocks: nn.ModuleList) -> list[nn.Module]:
+    """What the forward pass runs before the first block: the input embeddings and the rotary
+    embedding module (if the model has one outside its blocks)."""
+    block_ids = {id(m) for m in blocks.modules()}
+    out = [model.get_input_embeddings()]
+    for m in model.modules():
+        if id(m) not in block_ids and "rotary" in type(m).__name__.lower():
+            out.append(m)
+    return out
+
+
+@torch.no_grad()
+def quantize_model(
+    model: nn.Module,
+    samples: torch.Tensor,
+    method: LayerMethod,
+    schemes: SchemeMap,
+    device: str | torch.device = "cpu",
+    batch_size: int = 8,
+    on_module: Callable[[ModuleEvent], None] | None = None,
+    on_layer: Callable[[LayerEvent], None] | None = None,
+    should_cancel: Callable[[], bool] | None = None,
+) -> dict[str, QuantizedWeight]:
+    """Quantize every decoder-block Linear of `model` in place (weights become their
+    dequantized values) and return the quantized weights by full module name."""
+    prefix, blocks = decoder_layers(model)
+    n = len(blocks)
+    batches = capture_block_inputs(model, blocks, samples, batch_size, device)
+    result: dict[str, QuantizedWeight] = {}
+    for i, block in enumerate(blocks):
+        if should_cancel is not None and should_cancel():
+            raise CancelledError(f"cancelled before layer {i + 1} of {n}")
+        t0 = time.perf_counter()
+        block.to(device)
+
+        def run_block(b: nn.Module = block) -> list[torch.Tensor]:
+            return [_first_output(b(x.hidden, **x.kwargs)) for x in batches]
+
+        reference = run_block()
+        modules = {}
+        for name, lin in linear_modules(block).items():
+            full = f"{prefix}.{i}.{name}"
+            scheme = schemes.scheme_for(full)
+            if scheme is not None:
+                modules[name] = (lin, scheme)
+
+        t_mod = time.perf_counter()
+
+        def module_done(name: str, _qw: QuantizedWeight, err: float) -> None:
+            nonlocal t_mod
+            now = time.perf_counter()
+            if on_module is not None:
+                on_module(ModuleEvent(i + 1, n, f"{prefix}.{i}.{name}", err, now - t_mod))
+            t_mod = now
+
+        quantized = method.quantize_block(block, modules, run_block, module_done)
+        for name, qw in quantized.items():
+            result[f"{prefix}.{i}.{name}"] = qw.to("cpu")
+        outputs = run_block()
+        err = sum(relative_error(r, o) for r, o in zip(reference, outputs, strict=True)) / max(
+            len(outputs), 1
+        )
+        for x, o in zip(batches, outputs, strict=True):
+            x.hidden = o
+        block.to("cpu")
+        if on_layer is not None:
+            on_layer(LayerEvent(i + 1, n, err, time.perf_counter() - t0))
+    return result

@@ -1,0 +1,1 @@
+"""The `quantfoundry` command: service processes, database, demo."""

@@ -1,0 +1,3 @@
+from quantfoundry.cli import main
+
+main()

@@ -1,0 +1,1 @@
+"""Celery app and the task that runs one job."""

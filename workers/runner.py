@@ -1,0 +1,89 @@
+"""Run one claimed job through quantcore: progress into the job row, results or a failure
+reason at the end."""
+
+from __future__ import annotations
+
+import logging
+import time
+import traceback
+
+from jobs import lifecycle
+from jobs.db import session_scope
+from jobs.models import Job
+from jobs.settings import Settings
+from jobs.states import FailureReason
+
+log = logging.getLogger(__name__)
+
+
+def failure_for(exc: BaseException) -> tuple[FailureReason, str]:
+    """Map an exception to a failure reason and a message a person can act on."""
+    import torch
+
+    from quantcore.errors import BadRequestError, ModelNotFoundError, UnsupportedModelError
+
+    if isinstance(exc, ModelNotFoundError):
+        return FailureReason.model_not_found, str(exc)
+    if isinstance(exc, (BadRequestError, UnsupportedModelError)):
+        return FailureReason.bad_input, str(exc)
+    if isinstance(exc, torch.OutOfMemoryError) or "out of memory" in str(exc).lower():
+        return FailureReason.oom, f"ran out of memory: {exc}; use a worker with more memory"
+    return FailureReason.internal, f"{type(exc).__name__}: {exc}"
+
+
+def _request(job: Job):
+    from quantcore.pipeline import Calibration, Evaluation, QuantizeRequest
+
+    return QuantizeRequest(
+        model_id=job.model_id,
+        revision=job.revision,
+        method=job.method,
+        bits=job.bits,
+        group_size=job.group_size,
+        symmetric=job.symmetric,
+        calibration=Calibration(**job.calibration),
+        evaluation=Evaluation(**job.evaluation),
+    )
+
+
+def run_job(settings: Settings, job_id: str, worker: str) -> str:
+    """Claim and run `job_id`. Returns what happened, for the log."""
+    url = settings.database_url
+    with session_scope(url) as s:
+        attempt = lifecycle.claim(s, job_id, worker)
+    if attempt is None:
+        return "not claimable (already taken, finished or unknown)"
+
+    last_write = 0.0
+
+    def on_progress(p) -> None:
+        nonlocal last_write
+        now = time.monotonic()
+        # Layer ends and phase starts always land; a stream of module events is throttled.
+        if p.done < p.total and p.done != 0 and now - last_write < settings.progress_interval_s:
+            return
+        last_write = now
+        with session_scope(url) as s:
+            lifecycle.record_progress(s, job_id, attempt, p.phase, p.done, p.total, p.message)
+
+    try:
+        from quantcore.pipeline import run
+
+        with session_scope(url) as s:
+            job = s.get(Job, job_id)
+            assert job is not None
+            request = _request(job)
+        device = None if settings.device == "auto" else settings.device
+        assert settings.artifact_dir is not None
+        result = run(request, settings.artifact_dir / job_id, on_progress=on_progress,
+                     device=device)
+    except Exception as exc:  # every failure ends the job with a reason
+        reason, message = failure_for(exc)
+        log.error("job %s failed (%s): %s\n%s", job_id, reason.value, message,
+                  traceback.format_exc())
+        with session_scope(url) as s:
+            lifecycle.fail(s, job_id, attempt, reason, message)
+        return f"failed: {reason.value}"
+    with session_scope(url) as s:
+        lifecycle.succeed(s, job_id, attempt, result.to_dict())
+    return "succeeded"
