@@ -31,7 +31,7 @@ def resolve_snapshot(model_id: str, revision: str = "main") -> Path:
             raise ModelNotFoundError(
                 f"model {model_id!r} at revision {revision!r} is not in the local Hub cache "
                 f"({_cache_dir()}) and HF_HUB_OFFLINE is set; download it first "
-                f"(huggingface-cli download {model_id} --revision {revision}) or check the id"
+                f"(`hf download {model_id} --revision {revision}`) or check the id"
             ) from cached_err
         try:
             path = snapshot_download(model_id, revision=revision)

@@ -1,0 +1,65 @@
+"""The service tier: real PostgreSQL and Redis (found or started, never skipped), and the
+service as separate processes on either backend."""
+
+from __future__ import annotations
+
+import uuid
+
+import pytest
+from sqlalchemy import create_engine, text
+
+from tests.support.services import ServiceUnavailable, ensure_postgres, ensure_redis
+from tests.support.stack import Stack, base_env
+
+
+@pytest.fixture(scope="session")
+def postgres_admin_url():
+    try:
+        server = ensure_postgres()
+    except ServiceUnavailable as e:
+        pytest.fail(str(e))
+    yield server.url
+    server.stop()
+
+
+@pytest.fixture(scope="session")
+def redis_url():
+    try:
+        server = ensure_redis()
+    except ServiceUnavailable as e:
+        pytest.fail(str(e))
+    yield server.url
+    server.stop()
+
+
+@pytest.fixture
+def postgres_url(postgres_admin_url):
+    """A fresh database for one test, dropped afterwards."""
+    name = f"qf_test_{uuid.uuid4().hex[:12]}"
+    admin = create_engine(postgres_admin_url, isolation_level="AUTOCOMMIT")
+    with admin.connect() as c:
+        c.execute(text(f'CREATE DATABASE "{name}"'))
+    yield postgres_admin_url.rsplit("/", 1)[0] + f"/{name}"
+    with admin.connect() as c:
+        c.execute(text(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)'))
+    admin.dispose()
+
+
+@pytest.fixture(params=["embedded", "cluster"])
+def stack(request, tmp_path, hub_cache):
+    """The API and one worker as processes; `embedded` is SQLite + SQLAlchemy broker,
+    `cluster` is PostgreSQL + Redis."""
+    home = tmp_path / "home"
+    queue = f"test-{uuid.uuid4().hex[:8]}"  # keeps runs apart on a shared Redis
+    if request.param == "embedded":
+        env = base_env(home, hub_cache, queue=queue)
+    else:
+        pg = request.getfixturevalue("postgres_url")
+        redis = request.getfixturevalue("redis_url")
+        env = base_env(home, hub_cache, queue=queue, database_url=pg, broker_url=redis + "/0")
+    s = Stack(env=env, logs=tmp_path / "logs")
+    s.backend = request.param
+    try:
+        yield s.start()
+    finally:
+        s.stop()

@@ -1,0 +1,98 @@
+"""The service as separate processes: migrations, the API (uvicorn) and a Celery worker,
+each started through the `quantfoundry` command exactly as an operator would."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import httpx
+
+from tests.support.services import free_port
+
+TERMINAL = {"succeeded", "failed", "cancelled"}
+
+
+@dataclass
+class Stack:
+    env: dict[str, str]
+    logs: Path
+    url: str = ""
+    procs: dict[str, subprocess.Popen] = field(default_factory=dict)
+
+    def cli(self, *args: str, check: bool = True) -> subprocess.CompletedProcess:
+        return subprocess.run([sys.executable, "-m", "quantfoundry", *args], env=self.env,
+                              capture_output=True, text=True, check=check, timeout=120)
+
+    def spawn(self, name: str, *args: str) -> subprocess.Popen:
+        log = open(self.logs / f"{name}.log", "w")  # noqa: SIM115 - owned by the child
+        proc = subprocess.Popen([sys.executable, "-m", "quantfoundry", *args], env=self.env,
+                                stdout=log, stderr=subprocess.STDOUT)
+        self.procs[name] = proc
+        return proc
+
+    def start(self) -> Stack:
+        self.logs.mkdir(parents=True, exist_ok=True)
+        self.cli("db", "upgrade")
+        port = free_port()
+        self.url = f"http://127.0.0.1:{port}"
+        api = self.spawn("api", "serve", "--port", str(port))
+        self.spawn("worker", "worker", "--loglevel", "INFO")
+        deadline = time.monotonic() + 60
+        while time.monotonic() < deadline:
+            if api.poll() is not None:
+                raise RuntimeError(f"API exited:\n{self.log('api')}")
+            try:
+                if httpx.get(f"{self.url}/healthz", timeout=1).status_code == 200:
+                    return self
+            except httpx.HTTPError:
+                time.sleep(0.2)
+        raise RuntimeError(f"API not healthy in 60s:\n{self.log('api')}")
+
+    def log(self, name: str) -> str:
+        p = self.logs / f"{name}.log"
+        return p.read_text()[-4000:] if p.exists() else ""
+
+    def stop(self) -> None:
+        for p in self.procs.values():
+            p.terminate()
+        for p in self.procs.values():
+            try:
+                p.wait(20)
+            except subprocess.TimeoutExpired:
+                p.kill()
+
+    def submit(self, spec: dict) -> dict:
+        r = httpx.post(f"{self.url}/v1/jobs", json=spec, timeout=30)
+        assert r.status_code == 201, r.text
+        return r.json()
+
+    def wait(self, job_id: str, timeout: float = 240) -> dict:
+        deadline = time.monotonic() + timeout
+        seen_phases: list[str] = []
+        while time.monotonic() < deadline:
+            job = httpx.get(f"{self.url}/v1/jobs/{job_id}", timeout=10).json()
+            phase = job["progress"]["phase"]
+            if phase and (not seen_phases or seen_phases[-1] != phase):
+                seen_phases.append(phase)
+            if job["state"] in TERMINAL:
+                job["_phases_seen"] = seen_phases
+                return job
+            if self.procs["worker"].poll() is not None:
+                raise AssertionError(f"worker exited:\n{self.log('worker')}")
+            time.sleep(0.2)
+        raise AssertionError(f"job {job_id} not finished in {timeout}s:\n{self.log('worker')}")
+
+
+def base_env(home: Path, hub_cache: Path, **settings: str) -> dict[str, str]:
+    env = {k: v for k, v in os.environ.items() if not k.startswith("QF_")}
+    env.update(
+        QF_HOME=str(home), HF_HUB_CACHE=str(hub_cache), HF_HUB_OFFLINE="1",
+        TOKENIZERS_PARALLELISM="false", PYTHONUNBUFFERED="1",
+        **{f"QF_{k.upper()}": v for k, v in settings.items()},
+    )
+    return env
