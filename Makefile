@@ -17,7 +17,7 @@ demo: $(STAMP)
 	$(VENV)/bin/quantfoundry demo
 
 test: $(STAMP)
-	$(VENV)/bin/python -m tests.support.run $(PYTEST_ARGS)
+	$(VENV)/bin/python -m pytest $(PYTEST_ARGS)
 
 lint: $(STAMP)
 	$(VENV)/bin/ruff check .

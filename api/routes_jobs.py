@@ -30,7 +30,9 @@ def create_job(
     except Exception as e:  # broker down: the job must not sit queued forever
         log.exception("could not enqueue job %s", job.id)
         lifecycle.fail_unstarted(
-            session, job.id, FailureReason.internal,
+            session,
+            job.id,
+            FailureReason.internal,
             f"the job was stored but the broker could not be reached: {e}",
         )
         session.commit()

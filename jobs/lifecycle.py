@@ -71,9 +71,17 @@ def claim(session: Session, job_id: str, worker: str) -> int | None:
         return None
     seen = job.attempt
     ok = _fenced(
-        session, job_id, State.queued, seen, State.running,
-        attempt=seen + 1, worker=worker, started_at=utcnow(), phase="starting",
-        progress_done=0, progress_total=0,
+        session,
+        job_id,
+        State.queued,
+        seen,
+        State.running,
+        attempt=seen + 1,
+        worker=worker,
+        started_at=utcnow(),
+        phase="starting",
+        progress_done=0,
+        progress_total=0,
     )
     return seen + 1 if ok else None
 
@@ -84,28 +92,55 @@ def record_progress(
     res = session.execute(
         update(Job)
         .where(Job.id == job_id, Job.state == State.running.value, Job.attempt == attempt)
-        .values(phase=phase, progress_done=done, progress_total=total,
-                progress_message=message, updated_at=utcnow())
+        .values(
+            phase=phase,
+            progress_done=done,
+            progress_total=total,
+            progress_message=message,
+            updated_at=utcnow(),
+        )
     )
     return res.rowcount == 1
 
 
 def succeed(session: Session, job_id: str, attempt: int, results: dict[str, Any]) -> bool:
-    return _fenced(session, job_id, State.running, attempt, State.succeeded,
-                   results=results, phase="done", finished_at=utcnow())
+    return _fenced(
+        session,
+        job_id,
+        State.running,
+        attempt,
+        State.succeeded,
+        results=results,
+        phase="done",
+        finished_at=utcnow(),
+    )
 
 
-def fail(
-    session: Session, job_id: str, attempt: int, reason: FailureReason, message: str
-) -> bool:
-    return _fenced(session, job_id, State.running, attempt, State.failed,
-                   failure_reason=reason.value, failure_message=message, finished_at=utcnow())
+def fail(session: Session, job_id: str, attempt: int, reason: FailureReason, message: str) -> bool:
+    return _fenced(
+        session,
+        job_id,
+        State.running,
+        attempt,
+        State.failed,
+        failure_reason=reason.value,
+        failure_message=message,
+        finished_at=utcnow(),
+    )
 
 
 def fail_unstarted(session: Session, job_id: str, reason: FailureReason, message: str) -> bool:
     """Fail a job no worker has claimed yet (e.g. it could not be handed to the broker)."""
-    return _fenced(session, job_id, State.queued, 0, State.failed,
-                   failure_reason=reason.value, failure_message=message, finished_at=utcnow())
+    return _fenced(
+        session,
+        job_id,
+        State.queued,
+        0,
+        State.failed,
+        failure_reason=reason.value,
+        failure_message=message,
+        finished_at=utcnow(),
+    )
 
 
 # Cursor pagination over (created_at, id), newest first: stable under concurrent inserts.
@@ -123,7 +158,9 @@ def decode_cursor(cursor: str) -> tuple[datetime, str]:
         raise ValueError("cursor is not one this API returned") from e
 
 
-def list_jobs(session: Session, limit: int, cursor: str | None = None) -> tuple[list[Job], str | None]:
+def list_jobs(
+    session: Session, limit: int, cursor: str | None = None
+) -> tuple[list[Job], str | None]:
     q = select(Job).order_by(Job.created_at.desc(), Job.id.desc())
     if cursor:
         created, job_id = decode_cursor(cursor)

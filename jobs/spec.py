@@ -57,8 +57,12 @@ class JobSpec(BaseModel):
                     "bits": 4,
                     "group_size": 64,
                     "symmetric": False,
-                    "calibration": {"dataset": "wiki-excerpt", "n_samples": 32,
-                                    "seq_len": 512, "seed": 0},
+                    "calibration": {
+                        "dataset": "wiki-excerpt",
+                        "n_samples": 32,
+                        "seq_len": 512,
+                        "seed": 0,
+                    },
                 }
             ]
         },

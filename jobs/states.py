@@ -30,9 +30,7 @@ TERMINAL = frozenset({State.succeeded, State.failed, State.cancelled})
 
 TRANSITIONS: dict[State, frozenset[State]] = {
     State.queued: frozenset({State.running, State.cancelled, State.failed}),
-    State.running: frozenset(
-        {State.succeeded, State.failed, State.cancelling, State.retrying}
-    ),
+    State.running: frozenset({State.succeeded, State.failed, State.cancelling, State.retrying}),
     State.cancelling: frozenset({State.cancelled, State.failed, State.succeeded}),
     State.retrying: frozenset({State.queued, State.failed}),
     State.succeeded: frozenset(),

@@ -1,6 +1,7 @@
 """Alembic environment: the URL comes from the config the caller built (jobs.db)."""
 
 from alembic import context
+
 from jobs.db import make_engine
 from jobs.models import Base
 

@@ -25,7 +25,11 @@ WEIGHT_FILES = (".safetensors", ".bin", ".pt", ".gguf", ".msgpack", ".h5")
 SKIP_FILES = {"config.json", "model.safetensors.index.json", "pytorch_model.bin.index.json"}
 MAX_SHARD_BYTES = 2 * 1024**3
 PACKED_SUFFIXES = {
-    "weight_packed", "weight_scale", "weight_zero_point", "weight_shape", "weight_g_idx"
+    "weight_packed",
+    "weight_scale",
+    "weight_zero_point",
+    "weight_shape",
+    "weight_g_idx",
 }
 
 
@@ -65,9 +69,7 @@ def unpack_quantized_tensors(
     )
 
 
-def quantization_config(
-    bits: int, group_size: int, symmetric: bool, ignore: list[str]
-) -> dict:
+def quantization_config(bits: int, group_size: int, symmetric: bool, ignore: list[str]) -> dict:
     """`quantization_config` for config.json (compressed-tensors schema)."""
     per_channel = group_size == -1
     return {

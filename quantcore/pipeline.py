@@ -114,8 +114,14 @@ def run(
         return lambda i, n: on_progress(Progress(phase, i, n, f"{label}: window {i}/{n}"))
 
     model.to(device)
-    base = perplexity(model, eval_tokens, ev.seq_len, ev.max_windows, device,
-                      eval_progress("evaluate_base", "base model perplexity"))
+    base = perplexity(
+        model,
+        eval_tokens,
+        ev.seq_len,
+        ev.max_windows,
+        device,
+        eval_progress("evaluate_base", "base model perplexity"),
+    )
     model.to("cpu")
     phase_done("evaluate_base")
 
@@ -128,26 +134,48 @@ def run(
     schemes = SchemeMap(default=scheme, ignore=req.ignore)
 
     def module_progress(e: ModuleEvent) -> None:
-        on_progress(Progress("quantize", e.layer - 1, e.num_layers,
-                             f"layer {e.layer}/{e.num_layers} {e.module}: "
-                             f"error {e.error:.2e} ({e.seconds:.2f}s)"))
+        on_progress(
+            Progress(
+                "quantize",
+                e.layer - 1,
+                e.num_layers,
+                f"layer {e.layer}/{e.num_layers} {e.module}: "
+                f"error {e.error:.2e} ({e.seconds:.2f}s)",
+            )
+        )
 
     def layer_progress(e: LayerEvent) -> None:
-        on_progress(Progress("quantize", e.layer, e.num_layers,
-                             f"layer {e.layer}/{e.num_layers} done: output error "
-                             f"{e.output_error:.2e} ({e.seconds:.2f}s)"))
+        on_progress(
+            Progress(
+                "quantize",
+                e.layer,
+                e.num_layers,
+                f"layer {e.layer}/{e.num_layers} done: output error "
+                f"{e.output_error:.2e} ({e.seconds:.2f}s)",
+            )
+        )
 
     quantized = quantize_model(
-        model, samples, METHODS[req.method](), schemes, device=device,
-        on_module=module_progress, on_layer=layer_progress, should_cancel=should_cancel,
+        model,
+        samples,
+        METHODS[req.method](),
+        schemes,
+        device=device,
+        on_module=module_progress,
+        on_layer=layer_progress,
+        should_cancel=should_cancel,
     )
     num_layers = len({k.rsplit(".", 2)[0] for k in quantized})
     phase_done("quantize")
 
     on_progress(Progress("save", 0, 1, f"writing {out_dir}"))
     info = write_artifact(
-        model, quantized, snapshot, out_dir,
-        (req.bits, req.group_size, req.symmetric), list(req.ignore),
+        model,
+        quantized,
+        snapshot,
+        out_dir,
+        (req.bits, req.group_size, req.symmetric),
+        list(req.ignore),
         recipe={"quantfoundry": asdict(req)},
     )
     del model
@@ -155,8 +183,14 @@ def run(
 
     # Verify what will be published: the packed bytes, read back from the artifact.
     qmodel = load_dequantized(out_dir).to(device)
-    quant = perplexity(qmodel, eval_tokens, ev.seq_len, ev.max_windows, device,
-                       eval_progress("verify", "quantized model perplexity"))
+    quant = perplexity(
+        qmodel,
+        eval_tokens,
+        ev.seq_len,
+        ev.max_windows,
+        device,
+        eval_progress("verify", "quantized model perplexity"),
+    )
     phase_done("verify")
 
     return RunResult(

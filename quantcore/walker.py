@@ -112,6 +112,10 @@ def _modules_before_blocks(model: nn.Module, blocks: nn.ModuleList) -> list[nn.M
     return out
 
 
+def _run_block(block: nn.Module, batches: list[_Batch]) -> list[torch.Tensor]:
+    return [_first_output(block(x.hidden, **x.kwargs)) for x in batches]
+
+
 @torch.no_grad()
 def quantize_model(
     model: nn.Module,
@@ -135,37 +139,50 @@ def quantize_model(
             raise CancelledError(f"cancelled before layer {i + 1} of {n}")
         t0 = time.perf_counter()
         block.to(device)
-
-        def run_block(b: nn.Module = block) -> list[torch.Tensor]:
-            return [_first_output(b(x.hidden, **x.kwargs)) for x in batches]
-
-        reference = run_block()
-        modules = {}
-        for name, lin in linear_modules(block).items():
-            full = f"{prefix}.{i}.{name}"
-            scheme = schemes.scheme_for(full)
-            if scheme is not None:
-                modules[name] = (lin, scheme)
-
-        t_mod = time.perf_counter()
-
-        def module_done(name: str, _qw: QuantizedWeight, err: float) -> None:
-            nonlocal t_mod
-            now = time.perf_counter()
-            if on_module is not None:
-                on_module(ModuleEvent(i + 1, n, f"{prefix}.{i}.{name}", err, now - t_mod))
-            t_mod = now
-
-        quantized = method.quantize_block(block, modules, run_block, module_done)
-        for name, qw in quantized.items():
-            result[f"{prefix}.{i}.{name}"] = qw.to("cpu")
-        outputs = run_block()
-        err = sum(relative_error(r, o) for r, o in zip(reference, outputs, strict=True)) / max(
-            len(outputs), 1
+        quantized, err = _quantize_block(
+            block, f"{prefix}.{i}", i + 1, n, batches, method, schemes, on_module
         )
-        for x, o in zip(batches, outputs, strict=True):
-            x.hidden = o
+        result.update({f"{prefix}.{i}.{k}": qw.to("cpu") for k, qw in quantized.items()})
         block.to("cpu")
         if on_layer is not None:
             on_layer(LayerEvent(i + 1, n, err, time.perf_counter() - t0))
     return result
+
+
+def _quantize_block(
+    block: nn.Module,
+    name: str,
+    layer: int,
+    num_layers: int,
+    batches: list[_Batch],
+    method: LayerMethod,
+    schemes: SchemeMap,
+    on_module: Callable[[ModuleEvent], None] | None,
+) -> tuple[dict[str, QuantizedWeight], float]:
+    """Quantize one block on its device; replace `batches` by the quantized block's outputs.
+    Returns the quantized weights (by name inside the block) and the block's output error."""
+    reference = _run_block(block, batches)
+    modules = {}
+    for sub, lin in linear_modules(block).items():
+        scheme = schemes.scheme_for(f"{name}.{sub}")
+        if scheme is not None:
+            modules[sub] = (lin, scheme)
+
+    t_mod = time.perf_counter()
+
+    def module_done(sub: str, _qw: QuantizedWeight, err: float) -> None:
+        nonlocal t_mod
+        now = time.perf_counter()
+        if on_module is not None:
+            on_module(ModuleEvent(layer, num_layers, f"{name}.{sub}", err, now - t_mod))
+        t_mod = now
+
+    quantized = method.quantize_block(
+        block, modules, lambda: _run_block(block, batches), module_done
+    )
+    # The next block sees what the quantized model will feed it.
+    outputs = _run_block(block, batches)
+    err = sum(relative_error(r, o) for r, o in zip(reference, outputs, strict=True))
+    for x, o in zip(batches, outputs, strict=True):
+        x.hidden = o
+    return quantized, err / max(len(outputs), 1)

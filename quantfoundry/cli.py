@@ -14,7 +14,7 @@ from jobs.settings import get_settings
 app = typer.Typer(no_args_is_help=True, add_completion=False, help=__doc__)
 db_app = typer.Typer(no_args_is_help=True, help="Database schema (Alembic).")
 app.add_typer(db_app, name="db")
-console = Console(stderr=True)
+console = Console(stderr=True, soft_wrap=True)
 
 
 @db_app.command("upgrade")
@@ -60,8 +60,9 @@ def serve(host: str = "127.0.0.1", port: int = 8000) -> None:
 
 @app.command()
 def worker(
-    pool: str = typer.Option("prefork", help="Celery pool: prefork (a fresh process per job) "
-                             "or solo (in this process)."),
+    pool: str = typer.Option(
+        "prefork", help="Celery pool: prefork (a fresh process per job) or solo (in this process)."
+    ),
     loglevel: str = "INFO",
 ) -> None:
     """Run a Celery worker that takes jobs from QF_QUEUE."""
@@ -71,8 +72,21 @@ def worker(
     s = get_settings()
     s.ensure_dirs()
     celery_app.worker_main(
-        ["worker", "-Q", s.queue, "--pool", pool, "--concurrency", "1", "--loglevel", loglevel,
-         "--without-gossip", "--without-mingle", "--hostname", f"qf-{os.getpid()}@%h"]
+        [
+            "worker",
+            "-Q",
+            s.queue,
+            "--pool",
+            pool,
+            "--concurrency",
+            "1",
+            "--loglevel",
+            loglevel,
+            "--without-gossip",
+            "--without-mingle",
+            "--hostname",
+            f"qf-{os.getpid()}@%h",
+        ]
     )
 
 
@@ -89,9 +103,7 @@ def prepare_model() -> None:
 
 
 @app.command()
-def demo(
-    bits: int = 4, group_size: int = 64, symmetric: bool = False, port: int = 8765
-) -> None:
+def demo(bits: int = 4, group_size: int = 64, symmetric: bool = False, port: int = 8765) -> None:
     """Start the API and a worker on the embedded default, quantize SmolLM2 through the REST
     API, show progress and the result, and shut everything down."""
     from quantfoundry.demo import run_demo

@@ -21,8 +21,12 @@ TERMINAL = {"succeeded", "failed", "cancelled"}
 
 def _spawn(args: list[str], log: Path) -> subprocess.Popen:
     fh = open(log, "w")  # noqa: SIM115 - the child owns it until it exits
-    return subprocess.Popen([sys.executable, "-m", "quantfoundry", *args], stdout=fh,
-                            stderr=subprocess.STDOUT, env=os.environ.copy())
+    return subprocess.Popen(
+        [sys.executable, "-m", "quantfoundry", *args],
+        stdout=fh,
+        stderr=subprocess.STDOUT,
+        env=os.environ.copy(),
+    )
 
 
 def _wait_healthy(url: str, proc: subprocess.Popen, log: Path, timeout: float = 60) -> None:
@@ -61,10 +65,13 @@ def run_demo(bits: int, group_size: int, symmetric: bool, port: int) -> int:
     try:
         _wait_healthy(url, api, logs / "api.log")
         spec = {
-            "model_id": smollm2.REPO_ID, "revision": "main", "method": "rtn", "bits": bits,
-            "group_size": group_size, "symmetric": symmetric,
-            "calibration": {"dataset": "wiki-excerpt", "n_samples": 16, "seq_len": 512,
-                            "seed": 0},
+            "model_id": smollm2.REPO_ID,
+            "revision": "main",
+            "method": "rtn",
+            "bits": bits,
+            "group_size": group_size,
+            "symmetric": symmetric,
+            "calibration": {"dataset": "wiki-excerpt", "n_samples": 16, "seq_len": 512, "seed": 0},
             "evaluation": {"seq_len": 512, "max_windows": 16},
         }
         r = httpx.post(f"{url}/v1/jobs", json=spec, timeout=30)
@@ -72,8 +79,10 @@ def run_demo(bits: int, group_size: int, symmetric: bool, port: int) -> int:
             console.print(f"[red]submit failed ({r.status_code}):[/red] {r.text}")
             return 1
         job = r.json()
-        console.print(f"submitted job {job['id']}: rtn w{bits} g{group_size} "
-                      f"{'sym' if symmetric else 'asym'} on {smollm2.REPO_ID}")
+        console.print(
+            f"submitted job {job['id']}: rtn w{bits} g{group_size} "
+            f"{'sym' if symmetric else 'asym'} on {smollm2.REPO_ID}"
+        )
         job = _watch(url, job["id"], worker, logs / "worker.log")
         return _report(job)
     finally:
@@ -108,8 +117,12 @@ def _watch(
                     for t in tasks.values():
                         bars.update(t, completed=bars.tasks[t].total)
                     tasks[p["phase"]] = bars.add_task(p["phase"], total=p["total"], message="")
-                bars.update(tasks[p["phase"]], completed=p["done"], total=p["total"],
-                            message=(p["message"] or "")[:48])
+                bars.update(
+                    tasks[p["phase"]],
+                    completed=p["done"],
+                    total=p["total"],
+                    message=(p["message"] or "")[:48],
+                )
             if job["state"] in TERMINAL:
                 for t in tasks.values():
                     if job["state"] == "succeeded":

@@ -11,6 +11,10 @@ ROOT = Path(__file__).resolve().parents[1]
 # Trained test models and the parsed corpus are kept between runs here (not in git).
 CACHE = Path(os.environ.get("QF_HOME", ROOT / ".quantfoundry"))
 os.environ.setdefault("QF_HOME", str(CACHE))
+# The Hub is unreachable: everything loads from the local cache (set before any HF import).
+os.environ.setdefault("HF_HOME", str(CACHE / "hf"))
+os.environ["HF_HUB_OFFLINE"] = "1"
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 
 @pytest.fixture(scope="session")

@@ -75,12 +75,14 @@ def run_job(settings: Settings, job_id: str, worker: str) -> str:
             request = _request(job)
         device = None if settings.device == "auto" else settings.device
         assert settings.artifact_dir is not None
-        result = run(request, settings.artifact_dir / job_id, on_progress=on_progress,
-                     device=device)
+        result = run(
+            request, settings.artifact_dir / job_id, on_progress=on_progress, device=device
+        )
     except Exception as exc:  # every failure ends the job with a reason
         reason, message = failure_for(exc)
-        log.error("job %s failed (%s): %s\n%s", job_id, reason.value, message,
-                  traceback.format_exc())
+        log.error(
+            "job %s failed (%s): %s\n%s", job_id, reason.value, message, traceback.format_exc()
+        )
         with session_scope(url) as s:
             lifecycle.fail(s, job_id, attempt, reason, message)
         return f"failed: {reason.value}"

@@ -58,6 +58,9 @@ def _clean(wikitext: str) -> str:
     lines = [ln.strip() for ln in text.splitlines()]
     # Drop category/file leftovers and list-only lines that strip_code leaves behind.
     lines = [ln for ln in lines if ln and not re.match(r"^(Category|File|Image|thumb)\b", ln)]
+    # Markup the parser could not close (an unterminated <ref>, a broken link) is dropped with
+    # its line rather than leaking into the text.
+    lines = [ln for ln in lines if not re.search(r"\{\{|\}\}|\[\[|\]\]|<ref|</ref", ln)]
     return re.sub(r"\n{3,}", "\n\n", "\n".join(lines)).strip()
 
 
@@ -82,7 +85,7 @@ def _parse(path: Path) -> list[Article]:
 
 def _cache_file() -> Path:
     root = Path(os.environ.get("QF_HOME", Path.home() / ".cache" / "quantfoundry"))
-    return root / "corpus" / "wiki-excerpt-v1.json"
+    return root / "corpus" / "wiki-excerpt-v2.json"
 
 
 @lru_cache(maxsize=1)

@@ -41,9 +41,7 @@ def perplexity(
         window = tokens[:, i * seq_len : (i + 1) * seq_len].to(device)
         logits = model(input_ids=window, use_cache=False).logits.float()
         # Every token but the first is predicted from the ones before it.
-        nll = nn.functional.cross_entropy(
-            logits[0, :-1], window[0, 1:], reduction="sum"
-        )
+        nll = nn.functional.cross_entropy(logits[0, :-1], window[0, 1:], reduction="sum")
         total_nll += float(nll)
         count += seq_len - 1
         if on_window is not None:

@@ -20,9 +20,7 @@ def _file_hash(path: Path) -> str:
     return h.hexdigest()
 
 
-def install_snapshot(
-    src: Path, repo_id: str, cache_dir: Path, revision: str = "main"
-) -> Path:
+def install_snapshot(src: Path, repo_id: str, cache_dir: Path, revision: str = "main") -> Path:
     """Copy the files of `src` into `cache_dir` as `repo_id`@`revision`; return the snapshot.
 
     The commit id is derived from the files' hashes, so installing the same files twice gives

@@ -53,6 +53,7 @@ def prepare(cache_dir: Path) -> Path:
         snap = ref.parent.parent / "snapshots" / ref.read_text().strip()
         if (snap / "config.json").exists() and (snap / "model.safetensors").exists():
             return snap
-    with tempfile.TemporaryDirectory(dir=cache_dir.parent if cache_dir.parent.exists() else None) as tmp:
+    cache_dir.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(dir=cache_dir) as tmp:
         convert_gguf(gguf_path(), Path(tmp))
         return install_snapshot(Path(tmp), REPO_ID, cache_dir)

@@ -18,8 +18,12 @@ pytestmark = pytest.mark.service
 
 def spec(**overrides) -> dict:
     s = {
-        "model_id": REPO_ID, "revision": "main", "method": "rtn", "bits": 3,
-        "group_size": -1, "symmetric": False,
+        "model_id": REPO_ID,
+        "revision": "main",
+        "method": "rtn",
+        "bits": 3,
+        "group_size": -1,
+        "symmetric": False,
         "calibration": {"dataset": "wiki-excerpt", "n_samples": 8, "seq_len": 128, "seed": 0},
         "evaluation": {"seq_len": 128, "max_windows": 16},
     }

@@ -87,7 +87,8 @@ def ensure_postgres() -> Started:
         version = clusters[0].split("/")[3]
         subprocess.run(
             ["pg_ctlcluster", "--skip-systemctl-redirect", version, "main", "start"],
-            check=False, capture_output=True,
+            check=False,
+            capture_output=True,
         )
         try:
             _wait_port(5432, 30, "PostgreSQL (pg_ctlcluster)")
@@ -108,13 +109,16 @@ def ensure_postgres() -> Started:
         os.chown(tmp, user.pw_uid, user.pw_gid)
         run_as = ["runuser", "-u", "postgres", "--"]
     data = os.path.join(tmp, "data")
-    subprocess.run([*run_as, f"{bindir}/initdb", "-D", data, "-U", "postgres", "-A", "trust"],
-                   check=True, capture_output=True)
+    subprocess.run(
+        [*run_as, f"{bindir}/initdb", "-D", data, "-U", "postgres", "-A", "trust"],
+        check=True,
+        capture_output=True,
+    )
     port = free_port()
     proc = subprocess.Popen(
-        [*run_as, f"{bindir}/postgres", "-D", data, "-p", str(port), "-h", "127.0.0.1",
-         "-k", tmp],
-        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+        [*run_as, f"{bindir}/postgres", "-D", data, "-p", str(port), "-h", "127.0.0.1", "-k", tmp],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
     )
     _wait_port(port, 30, "PostgreSQL (private)")
     return Started(url.format(port=port), procs=[proc], tmpdirs=[tmp])
@@ -132,7 +136,8 @@ def ensure_redis() -> Started:
     port = free_port()
     proc = subprocess.Popen(
         [binary, "--port", str(port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no"],
-        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
     )
     _wait_port(port, 15, "Redis")
     return Started(f"redis://127.0.0.1:{port}", procs=[proc])

@@ -25,13 +25,23 @@ class Stack:
     procs: dict[str, subprocess.Popen] = field(default_factory=dict)
 
     def cli(self, *args: str, check: bool = True) -> subprocess.CompletedProcess:
-        return subprocess.run([sys.executable, "-m", "quantfoundry", *args], env=self.env,
-                              capture_output=True, text=True, check=check, timeout=120)
+        return subprocess.run(
+            [sys.executable, "-m", "quantfoundry", *args],
+            env=self.env,
+            capture_output=True,
+            text=True,
+            check=check,
+            timeout=120,
+        )
 
     def spawn(self, name: str, *args: str) -> subprocess.Popen:
         log = open(self.logs / f"{name}.log", "w")  # noqa: SIM115 - owned by the child
-        proc = subprocess.Popen([sys.executable, "-m", "quantfoundry", *args], env=self.env,
-                                stdout=log, stderr=subprocess.STDOUT)
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "quantfoundry", *args],
+            env=self.env,
+            stdout=log,
+            stderr=subprocess.STDOUT,
+        )
         self.procs[name] = proc
         return proc
 
@@ -91,8 +101,11 @@ class Stack:
 def base_env(home: Path, hub_cache: Path, **settings: str) -> dict[str, str]:
     env = {k: v for k, v in os.environ.items() if not k.startswith("QF_")}
     env.update(
-        QF_HOME=str(home), HF_HUB_CACHE=str(hub_cache), HF_HUB_OFFLINE="1",
-        TOKENIZERS_PARALLELISM="false", PYTHONUNBUFFERED="1",
+        QF_HOME=str(home),
+        HF_HUB_CACHE=str(hub_cache),
+        HF_HUB_OFFLINE="1",
+        TOKENIZERS_PARALLELISM="false",
+        PYTHONUNBUFFERED="1",
         **{f"QF_{k.upper()}": v for k, v in settings.items()},
     )
     return env

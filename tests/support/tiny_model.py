@@ -24,7 +24,8 @@ def _train_tokenizer(texts: list[str], vocab: int):
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     tok.decoder = decoders.ByteLevel()
     trainer = trainers.BpeTrainer(
-        vocab_size=vocab, special_tokens=["<s>", "</s>"],
+        vocab_size=vocab,
+        special_tokens=["<s>", "</s>"],
         initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
     )
     tok.train_from_iterator(texts, trainer)
@@ -38,9 +39,16 @@ def build(out_dir: Path, steps: int = 400, seed: int = 0) -> None:
     texts = [a.text for a in wiki_excerpt.calibration_articles()]
     tokenizer = _train_tokenizer(texts, vocab=512)
     config = LlamaConfig(
-        vocab_size=len(tokenizer), hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512,
-        tie_word_embeddings=False, bos_token_id=0, eos_token_id=1,
+        vocab_size=len(tokenizer),
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=512,
+        tie_word_embeddings=False,
+        bos_token_id=0,
+        eos_token_id=1,
     )
     model = LlamaForCausalLM(config)
     ids = torch.tensor(tokenizer("\n\n".join(texts))["input_ids"])

@@ -1,0 +1,68 @@
+"""The model tier: the real SmolLM2-135M-Instruct, by Hub id, from the local cache.
+
+Its weights are dequantized Q4_1 (group 32, float minimum), so group-32 asymmetric RTN would
+be lossless by construction; these figures use group 64 and per-channel instead.
+"""
+
+from __future__ import annotations
+
+import copy
+from pathlib import Path
+
+import pytest
+import torch
+from huggingface_hub import constants
+
+from quantcore.data.datasets import calibration_samples, evaluation_tokens
+from quantcore.eval.perplexity import perplexity
+from quantcore.methods.base import QuantScheme, SchemeMap
+from quantcore.methods.rtn_method import RTN
+from quantcore.models import smollm2
+from quantcore.models.hub import resolve_snapshot
+from quantcore.models.loading import load_causal_lm
+from quantcore.walker import quantize_model
+
+pytestmark = pytest.mark.model
+SEQ, WINDOWS = 512, 16
+
+
+@pytest.fixture(scope="module")
+def loaded():
+    smollm2.prepare(Path(constants.HF_HUB_CACHE))
+    model, tokenizer, snapshot = load_causal_lm(smollm2.REPO_ID, "main")
+    tokens = evaluation_tokens(tokenizer)
+    base = perplexity(model, tokens, SEQ, WINDOWS)
+    samples = calibration_samples(tokenizer, "wiki-excerpt", 8, SEQ, seed=0)
+    return model, tokens, base, samples, snapshot
+
+
+def test_loads_by_hub_id_offline(loaded):
+    _, _, base, _, snapshot = loaded
+    assert constants.HF_HUB_OFFLINE
+    assert resolve_snapshot(smollm2.REPO_ID, "main") == snapshot
+    assert str(snapshot).startswith(str(constants.HF_HUB_CACHE))
+    assert "models--HuggingFaceTB--SmolLM2-135M-Instruct" in str(snapshot)
+    # A real instruction-tuned 135M model on Wikipedia prose: far from uniform (49152).
+    assert 5 < base.ppl < 40
+
+
+def _quantized_ppl(loaded, scheme: QuantScheme) -> tuple[float, float]:
+    model, tokens, base, samples, _ = loaded
+    q = copy.deepcopy(model)
+    quantize_model(q, samples, RTN(), SchemeMap(scheme))
+    with torch.no_grad():
+        return base.ppl, perplexity(q, tokens, SEQ, WINDOWS).ppl
+
+
+def test_rtn_w4_g64_raises_perplexity_plausibly(loaded):
+    base, quant = _quantized_ppl(loaded, QuantScheme(4, 64, symmetric=False))
+    increase = 100 * (quant / base - 1)
+    print(f"\nSmolLM2 RTN w4 g64 asym: ppl {base:.3f} -> {quant:.3f} ({increase:+.2f}%)")
+    assert 3 < increase < 60
+
+
+def test_rtn_w8_costs_under_one_percent(loaded):
+    base, quant = _quantized_ppl(loaded, QuantScheme(8, -1, symmetric=True))
+    increase = 100 * (quant / base - 1)
+    print(f"\nSmolLM2 RTN w8 per-channel sym: ppl {base:.3f} -> {quant:.3f} ({increase:+.2f}%)")
+    assert abs(increase) < 1

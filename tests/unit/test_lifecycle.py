@@ -1,0 +1,73 @@
+"""Job state changes: the transition table, fenced claims, pagination."""
+
+from __future__ import annotations
+
+import pytest
+
+from jobs import lifecycle
+from jobs.db import session_scope, upgrade
+from jobs.models import Job
+from jobs.settings import Settings
+from jobs.spec import JobSpec
+from jobs.states import FailureReason, State, TransitionError, check_transition
+
+
+@pytest.fixture
+def url(tmp_path):
+    u = Settings(home=tmp_path).database_url
+    upgrade(u)
+    return u
+
+
+def _new(url: str) -> str:
+    with session_scope(url) as s:
+        return lifecycle.create_job(s, JobSpec(model_id="a/b")).id
+
+
+def test_transition_table():
+    check_transition(State.queued, State.running)
+    for src, dst in [
+        (State.succeeded, State.running),
+        (State.queued, State.succeeded),
+        (State.cancelled, State.queued),
+    ]:
+        with pytest.raises(TransitionError, match=f"from {src.value} to {dst.value}"):
+            check_transition(src, dst)
+
+
+def test_claim_is_fenced(url):
+    job_id = _new(url)
+    with session_scope(url) as s:
+        assert lifecycle.claim(s, job_id, "w1") == 1
+    # A duplicate delivery of the same message finds the job taken.
+    with session_scope(url) as s:
+        assert lifecycle.claim(s, job_id, "w2") is None
+    with session_scope(url) as s:
+        assert lifecycle.record_progress(s, job_id, 1, "quantize", 1, 2, "layer 1/2")
+        # A stale attempt's writes match nothing.
+        assert not lifecycle.record_progress(s, job_id, 0, "quantize", 2, 2, "stale")
+        assert not lifecycle.succeed(s, job_id, 2, {})
+    with session_scope(url) as s:
+        assert lifecycle.fail(s, job_id, 1, FailureReason.oom, "too big")
+    with session_scope(url) as s:
+        job = s.get(Job, job_id)
+        assert (job.state, job.failure_reason, job.progress_message) == (
+            "failed",
+            "oom",
+            "layer 1/2",
+        )
+        assert job.finished_at is not None
+        assert lifecycle.claim(s, job_id, "w3") is None
+
+
+def test_list_is_newest_first_with_stable_cursor(url):
+    ids = [_new(url) for _ in range(5)]
+    seen = []
+    cursor = None
+    with session_scope(url) as s:
+        while True:
+            page, cursor = lifecycle.list_jobs(s, 2, cursor)
+            seen += [j.id for j in page]
+            if cursor is None:
+                break
+    assert seen == ids[::-1]

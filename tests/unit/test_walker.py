@@ -1,0 +1,126 @@
+"""The walker, perplexity and data on the tiny trained Llama (no service involved)."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+from transformers import AutoModelForCausalLM, AutoTokenizer
+
+from quantcore.data import wiki_excerpt
+from quantcore.data.datasets import calibration_samples, evaluation_tokens
+from quantcore.errors import CancelledError, ModelNotFoundError, UnsupportedModelError
+from quantcore.eval.perplexity import perplexity
+from quantcore.methods.base import QuantScheme, SchemeMap
+from quantcore.methods.rtn import quantize_rtn
+from quantcore.methods.rtn_method import RTN
+from quantcore.models.hub import resolve_snapshot
+from quantcore.models.loading import decoder_layers
+from quantcore.walker import quantize_model
+
+
+@pytest.fixture
+def model(tiny_model_dir):
+    return AutoModelForCausalLM.from_pretrained(tiny_model_dir).eval()
+
+
+@pytest.fixture
+def tokenizer(tiny_model_dir):
+    return AutoTokenizer.from_pretrained(tiny_model_dir)
+
+
+def test_corpus_split_is_disjoint_and_stable():
+    cal = {a.title for a in wiki_excerpt.calibration_articles()}
+    ev = {a.title for a in wiki_excerpt.evaluation_articles()}
+    assert not cal & ev
+    assert len(cal) > 50 and len(ev) > 15
+    assert all(len(a.text) >= wiki_excerpt.MIN_CHARS for a in wiki_excerpt.articles())
+    assert not any("[[" in a.text or "{{" in a.text for a in wiki_excerpt.articles())
+
+
+def test_calibration_is_seeded_and_never_evaluation_text(tokenizer):
+    a = calibration_samples(tokenizer, "wiki-excerpt", 4, 64, seed=1)
+    assert torch.equal(a, calibration_samples(tokenizer, "wiki-excerpt", 4, 64, seed=1))
+    assert not torch.equal(a, calibration_samples(tokenizer, "wiki-excerpt", 4, 64, seed=2))
+    ev_text = "\n\n".join(x.text for x in wiki_excerpt.evaluation_articles())
+    for row in a:
+        assert tokenizer.decode(row[8:40]) not in ev_text
+
+
+@torch.no_grad()
+def test_perplexity_matches_the_models_own_loss(model, tokenizer):
+    tokens = evaluation_tokens(tokenizer)
+    ours = perplexity(model, tokens, 64, max_windows=3)
+    losses = [
+        model(
+            input_ids=tokens[:, i * 64 : (i + 1) * 64], labels=tokens[:, i * 64 : (i + 1) * 64]
+        ).loss
+        for i in range(3)
+    ]
+    assert ours.windows == 3 and ours.tokens == 3 * 63
+    assert ours.ppl == pytest.approx(math.exp(float(torch.stack(losses).mean())), rel=1e-5)
+
+
+def test_walker_quantizes_every_block_linear(model, tokenizer):
+    original = {n: p.clone() for n, p in model.named_parameters()}
+    samples = calibration_samples(tokenizer, "wiki-excerpt", 4, 64, seed=0)
+    modules, layers = [], []
+    q = quantize_model(
+        model,
+        samples,
+        RTN(),
+        SchemeMap(QuantScheme(4, 32, False)),
+        on_module=modules.append,
+        on_layer=layers.append,
+    )
+    prefix, blocks = decoder_layers(model)
+    assert prefix == "model.layers" and len(q) == 7 * len(blocks) == len(modules)
+    assert [e.layer for e in layers] == [1, 2] and all(e.num_layers == 2 for e in layers)
+    assert all(0 < e.error < 0.1 for e in modules)
+    for name, qw in q.items():
+        w = original[f"{name}.weight"]
+        expected = quantize_rtn(w, 4, 32, False).dequantize()
+        assert torch.equal(dict(model.named_parameters())[f"{name}.weight"], expected)
+        assert torch.equal(qw.dequantize(), expected)
+    # Ignored and non-block weights are untouched.
+    assert torch.equal(model.lm_head.weight, original["lm_head.weight"])
+    assert torch.equal(model.model.embed_tokens.weight, original["model.embed_tokens.weight"])
+
+
+def test_overrides_and_ignore(model, tokenizer):
+    samples = calibration_samples(tokenizer, "wiki-excerpt", 2, 32, seed=0)
+    schemes = SchemeMap(
+        QuantScheme(4, 32, False),
+        overrides=((r"mlp\.down_proj", QuantScheme(8, -1, True)),),
+        ignore=("lm_head", r"layers\.1\.self_attn"),
+    )
+    q = quantize_model(model, samples, RTN(), schemes)
+    assert q["model.layers.0.mlp.down_proj"].bits == 8
+    assert q["model.layers.0.mlp.up_proj"].bits == 4
+    assert not any(k.startswith("model.layers.1.self_attn") for k in q)
+
+
+def test_cancellation_stops_between_layers(model, tokenizer):
+    samples = calibration_samples(tokenizer, "wiki-excerpt", 2, 32, seed=0)
+    layers = []
+    with pytest.raises(CancelledError, match="before layer 2 of 2"):
+        quantize_model(
+            model,
+            samples,
+            RTN(),
+            SchemeMap(QuantScheme(4, 32, False)),
+            on_layer=layers.append,
+            should_cancel=lambda: len(layers) >= 1,
+        )
+    assert len(layers) == 1
+
+
+def test_unsupported_model_names_what_is_missing():
+    with pytest.raises(UnsupportedModelError, match="no ModuleList of decoder blocks"):
+        decoder_layers(torch.nn.Sequential(torch.nn.Linear(4, 4)))
+
+
+def test_missing_local_dir_and_hub_id(tmp_path):
+    with pytest.raises(ModelNotFoundError, match="has no config.json"):
+        resolve_snapshot(str(tmp_path))
