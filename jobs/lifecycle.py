@@ -29,6 +29,7 @@ def create_job(session: Session, spec: JobSpec) -> Job:
         symmetric=spec.symmetric,
         calibration=spec.calibration.model_dump(),
         evaluation=spec.evaluation.model_dump(),
+        method_options=spec.method_options() or None,
         state=State.queued.value,
         attempt=0,
     )
@@ -47,6 +48,7 @@ def job_spec(job: Job) -> JobSpec:
         symmetric=job.symmetric,
         calibration=job.calibration,
         evaluation=job.evaluation,
+        gptq=job.method_options if job.method == "gptq" else None,
     )
 
 

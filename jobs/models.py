@@ -40,6 +40,7 @@ class Job(Base):
     symmetric: Mapped[bool]
     calibration: Mapped[dict[str, Any]]
     evaluation: Mapped[dict[str, Any]]
+    method_options: Mapped[dict[str, Any] | None]
 
     state: Mapped[str] = mapped_column(String(16), default="queued")
     phase: Mapped[str | None] = mapped_column(String(32))

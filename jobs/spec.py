@@ -10,10 +10,11 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, field_validat
 
 class Method(StrEnum):
     rtn = "rtn"
+    gptq = "gptq"
 
 
 # Bit widths with a packed layout and a kernel path (see kernels/packing.py).
-METHOD_BITS: dict[Method, tuple[int, ...]] = {Method.rtn: (2, 3, 4, 8)}
+METHOD_BITS: dict[Method, tuple[int, ...]] = {Method.rtn: (2, 3, 4, 8), Method.gptq: (2, 3, 4, 8)}
 GROUP_SIZES = (-1, 32, 64, 128, 256)
 CALIBRATION_DATASETS = ("wiki-excerpt",)
 
@@ -43,6 +44,18 @@ class EvaluationSpec(BaseModel):
     max_windows: int | None = Field(
         default=16, ge=1, description="Evaluate at most this many windows (None: all)."
     )
+
+
+class GPTQOptions(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    block_size: int = Field(default=128, ge=1, le=4096, description="Lazy-update block.")
+    damp: float = Field(
+        default=0.01, gt=0, le=1, description="Damping, a fraction of the mean Hessian diagonal."
+    )
+    act_order: bool = Field(default=False, description="Quantize columns by Hessian diagonal.")
+    mse: bool = Field(default=False, description="Search clipped scales per group (slower).")
+    true_sequential: bool = True
 
 
 class JobSpec(BaseModel):
@@ -76,6 +89,7 @@ class JobSpec(BaseModel):
     symmetric: bool = False
     calibration: CalibrationSpec = Field(default_factory=CalibrationSpec)
     evaluation: EvaluationSpec = Field(default_factory=EvaluationSpec)
+    gptq: GPTQOptions | None = Field(default=None, description="Options when method is gptq.")
 
     @field_validator("model_id")
     @classmethod
@@ -98,6 +112,20 @@ class JobSpec(BaseModel):
                 f"{', '.join(map(str, allowed))}"
             )
         return v
+
+    @field_validator("gptq")
+    @classmethod
+    def _gptq_only_for_gptq(cls, v: GPTQOptions | None, info: ValidationInfo):
+        method = info.data.get("method")
+        if v is not None and method and method != Method.gptq:
+            raise ValueError(f"GPTQ options were given but method is {method.value}")
+        return v
+
+    def method_options(self) -> dict:
+        """The chosen method's options with their defaults filled in."""
+        if self.method == Method.gptq:
+            return (self.gptq or GPTQOptions()).model_dump()
+        return {}
 
     @field_validator("group_size")
     @classmethod

@@ -69,7 +69,9 @@ def unpack_quantized_tensors(
     )
 
 
-def quantization_config(bits: int, group_size: int, symmetric: bool, ignore: list[str]) -> dict:
+def quantization_config(
+    bits: int, group_size: int, symmetric: bool, ignore: list[str], actorder: str | None = None
+) -> dict:
     """`quantization_config` for config.json (compressed-tensors schema)."""
     per_channel = group_size == -1
     return {
@@ -86,7 +88,7 @@ def quantization_config(bits: int, group_size: int, symmetric: bool, ignore: lis
                     "strategy": "channel" if per_channel else "group",
                     "group_size": None if per_channel else group_size,
                     "dynamic": False,
-                    "actorder": None,
+                    "actorder": actorder,
                     "observer": "minmax",
                 },
                 "input_activations": None,
@@ -159,6 +161,7 @@ def write_artifact(
     scheme: tuple[int, int, bool],
     ignore: list[str],
     recipe: dict,
+    actorder: str | None = None,
 ) -> ArtifactInfo:
     """Write `model` with its `quantized` Linears packed, plus tokenizer, recipe and manifest."""
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -170,7 +173,9 @@ def write_artifact(
     _write_shards(tensors, out_dir)
 
     config = json.loads((source_dir / "config.json").read_text())
-    config["quantization_config"] = quantization_config(bits, group_size, symmetric, ignore)
+    config["quantization_config"] = quantization_config(
+        bits, group_size, symmetric, ignore, actorder
+    )
     (out_dir / "config.json").write_text(json.dumps(config, indent=2))
     for f in source_dir.iterdir():
         if f.is_file() and f.name not in SKIP_FILES and not f.name.endswith(WEIGHT_FILES):

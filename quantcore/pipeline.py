@@ -15,11 +15,12 @@ from quantcore.data.datasets import BUILTIN, calibration_samples, evaluation_tok
 from quantcore.errors import BadRequestError
 from quantcore.eval.perplexity import perplexity
 from quantcore.methods.base import LayerMethod, QuantScheme, SchemeMap
+from quantcore.methods.gptq_method import GPTQ
 from quantcore.methods.rtn_method import RTN
 from quantcore.models.loading import load_causal_lm
 from quantcore.walker import LayerEvent, ModuleEvent, quantize_model
 
-METHODS: dict[str, Callable[[], LayerMethod]] = {"rtn": RTN}
+METHODS: dict[str, Callable[..., LayerMethod]] = {"rtn": RTN, "gptq": GPTQ}
 
 
 @dataclass(frozen=True)
@@ -48,6 +49,7 @@ class QuantizeRequest:
     calibration: Calibration = field(default_factory=Calibration)
     evaluation: Evaluation = field(default_factory=Evaluation)
     ignore: tuple[str, ...] = ("lm_head",)
+    method_options: dict = field(default_factory=dict)
 
 
 @dataclass(frozen=True)
@@ -158,7 +160,7 @@ def run(
     quantized = quantize_model(
         model,
         samples,
-        METHODS[req.method](),
+        METHODS[req.method](**req.method_options),
         schemes,
         device=device,
         on_module=module_progress,
@@ -177,6 +179,8 @@ def run(
         (req.bits, req.group_size, req.symmetric),
         list(req.ignore),
         recipe={"quantfoundry": asdict(req)},
+        # Static groups: columns reordered while quantizing, groups stay contiguous.
+        actorder="weight" if req.method_options.get("act_order") else None,
     )
     del model
     phase_done("save")

@@ -43,6 +43,7 @@ def _request(job: Job):
         symmetric=job.symmetric,
         calibration=Calibration(**job.calibration),
         evaluation=Evaluation(**job.evaluation),
+        method_options=job.method_options or {},
     )
 
 
