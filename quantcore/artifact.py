@@ -18,7 +18,9 @@ import torch
 from safetensors.torch import load_file, save_file
 from torch import nn
 
-from kernels.packing import pack_int32, unpack_int32
+from kernels.packed_weight import PackedWeight, packed_weights_from_artifact
+from kernels.packing import unpack_int32
+from kernels.quant_linear import Backend, replace_linears
 from quantcore.qtensor import QuantizedWeight
 
 WEIGHT_FILES = (".safetensors", ".bin", ".pt", ".gguf", ".msgpack", ".h5")
@@ -35,37 +37,26 @@ PACKED_SUFFIXES = {
 
 def pack_quantized_tensors(name: str, qw: QuantizedWeight) -> dict[str, torch.Tensor]:
     """The tensors of one quantized Linear in pack-quantized layout."""
-    out = {
-        f"{name}.weight_packed": pack_int32(qw.codes, qw.bits),
-        f"{name}.weight_scale": qw.scales.contiguous(),
-        f"{name}.weight_shape": torch.tensor(qw.shape, dtype=torch.int32),
-    }
-    if not qw.symmetric:
-        out[f"{name}.weight_zero_point"] = pack_int32(qw.zeros.t(), qw.bits).t().contiguous()
-    if qw.g_idx is not None:
-        out[f"{name}.weight_g_idx"] = qw.g_idx.to(torch.int32)
-    return out
+    zeros = None if qw.symmetric else qw.zeros
+    packed = PackedWeight.from_codes(qw.codes, qw.scales, zeros, qw.bits, qw.group_size, qw.g_idx)
+    return packed.artifact_tensors(name)
 
 
 def unpack_quantized_tensors(
     name: str, tensors: dict[str, torch.Tensor], bits: int, group_size: int | None, symmetric: bool
 ) -> QuantizedWeight:
-    out_f, in_f = (int(x) for x in tensors[f"{name}.weight_shape"])
-    scales = tensors[f"{name}.weight_scale"]
-    n_groups = scales.shape[1]
-    if symmetric:
-        zeros = torch.full((out_f, n_groups), 1 << (bits - 1), dtype=torch.uint8)
-    else:
-        zeros = unpack_int32(tensors[f"{name}.weight_zero_point"].t(), bits, out_f).t()
-    g_idx = tensors.get(f"{name}.weight_g_idx")
+    p = PackedWeight.from_artifact(name, tensors, bits, group_size, symmetric)
+    zeros = p.zeros
+    if zeros is None:
+        zeros = torch.full((p.out_features, p.n_groups), 1 << (bits - 1), dtype=torch.uint8)
     return QuantizedWeight(
-        codes=unpack_int32(tensors[f"{name}.weight_packed"], bits, in_f),
-        scales=scales,
-        zeros=zeros.contiguous(),
+        codes=unpack_int32(p.qweight, bits, p.in_features),
+        scales=p.scales,
+        zeros=zeros,
         bits=bits,
-        group_size=group_size or in_f,
+        group_size=p.group_size,
         symmetric=symmetric,
-        g_idx=g_idx,
+        g_idx=p.g_idx,
     )
 
 
@@ -204,27 +195,14 @@ def read_tensors(artifact_dir: Path) -> dict[str, torch.Tensor]:
     return tensors
 
 
-def load_dequantized(artifact_dir: Path, dtype: torch.dtype | None = None) -> nn.Module:
-    """Rebuild the model from an artifact with each quantized Linear dequantized from the
-    packed bytes. (QuantLinear over the packed bytes replaces this in the kernels issue.)"""
-    from transformers import AutoConfig, AutoModelForCausalLM
+def _weights_config(config) -> dict:
+    return config.quantization_config["config_groups"]["group_0"]["weights"]
 
-    config = AutoConfig.from_pretrained(artifact_dir)
-    qcfg = config.quantization_config
-    del config.quantization_config
-    weights = qcfg["config_groups"]["group_0"]["weights"]
-    tensors = read_tensors(artifact_dir)
-    state = {}
-    for key in list(tensors):
-        if key.endswith(".weight_packed"):
-            name = key[: -len(".weight_packed")]
-            qw = unpack_quantized_tensors(
-                name, tensors, weights["num_bits"], weights["group_size"], weights["symmetric"]
-            )
-            state[f"{name}.weight"] = qw.dequantize()
-    for key, t in tensors.items():
-        if key.rsplit(".", 1)[-1] not in PACKED_SUFFIXES:
-            state[key] = t
+
+def _build(artifact_dir: Path, state: dict[str, torch.Tensor], config, dtype, expect_missing):
+    """The model of `config` with `state` loaded; only `expect_missing` may be absent."""
+    from transformers import AutoModelForCausalLM
+
     dtype = dtype or next(t for t in state.values() if t.is_floating_point()).dtype
     model = AutoModelForCausalLM.from_config(config, dtype=dtype)
     result = model.load_state_dict(state, strict=False)
@@ -232,7 +210,7 @@ def load_dequantized(artifact_dir: Path, dtype: torch.dtype | None = None) -> nn
     tied = {n for n, _ in model.named_parameters(remove_duplicate=False)} - {
         n for n, _ in model.named_parameters()
     }
-    missing = [k for k in result.missing_keys if k not in tied]
+    missing = [k for k in result.missing_keys if k not in tied and k not in expect_missing]
     if missing or result.unexpected_keys:
         raise ValueError(
             f"artifact {artifact_dir} does not match its config: missing {missing[:5]}, "
@@ -240,3 +218,42 @@ def load_dequantized(artifact_dir: Path, dtype: torch.dtype | None = None) -> nn
         )
     model.eval()
     return model
+
+
+def _read(artifact_dir: Path):
+    from transformers import AutoConfig
+
+    config = AutoConfig.from_pretrained(artifact_dir)
+    weights = _weights_config(config)
+    del config.quantization_config
+    tensors = read_tensors(artifact_dir)
+    plain = {k: t for k, t in tensors.items() if k.rsplit(".", 1)[-1] not in PACKED_SUFFIXES}
+    return config, weights, tensors, plain
+
+
+def load_quantized(
+    artifact_dir: Path, backend: Backend = "auto", dtype: torch.dtype | None = None
+) -> nn.Module:
+    """The model with every quantized Linear a `QuantLinear` over the artifact's packed bytes:
+    the published bytes are the ones computed with (Triton on CUDA, the reference on CPU)."""
+    config, weights, tensors, plain = _read(artifact_dir)
+    packed = packed_weights_from_artifact(
+        tensors, weights["num_bits"], weights["group_size"], weights["symmetric"]
+    )
+    model = _build(artifact_dir, plain, config, dtype, {f"{n}.weight" for n in packed})
+    replace_linears(model, packed, backend)
+    return model
+
+
+def load_dequantized(artifact_dir: Path, dtype: torch.dtype | None = None) -> nn.Module:
+    """The model with each quantized Linear's weight dequantized from the packed bytes (a plain
+    transformers model; the oracle for `load_quantized`)."""
+    config, weights, tensors, state = _read(artifact_dir)
+    for key in tensors:
+        if key.endswith(".weight_packed"):
+            name = key[: -len(".weight_packed")]
+            qw = unpack_quantized_tensors(
+                name, tensors, weights["num_bits"], weights["group_size"], weights["symmetric"]
+            )
+            state[f"{name}.weight"] = qw.dequantize()
+    return _build(artifact_dir, state, config, dtype, set())

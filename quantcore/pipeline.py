@@ -10,7 +10,7 @@ from pathlib import Path
 
 import torch
 
-from quantcore.artifact import load_dequantized, write_artifact
+from quantcore.artifact import load_quantized, write_artifact
 from quantcore.data.datasets import BUILTIN, calibration_samples, evaluation_tokens
 from quantcore.errors import BadRequestError
 from quantcore.eval.perplexity import perplexity
@@ -185,8 +185,8 @@ def run(
     del model
     phase_done("save")
 
-    # Verify what will be published: the packed bytes, read back from the artifact.
-    qmodel = load_dequantized(out_dir).to(device)
+    # Verify what will be published: our kernels over the packed bytes read back from disk.
+    qmodel = load_quantized(out_dir).to(device)
     quant = perplexity(
         qmodel,
         eval_tokens,
