@@ -53,7 +53,11 @@ class GPTQOptions(BaseModel):
     damp: float = Field(
         default=0.01, gt=0, le=1, description="Damping, a fraction of the mean Hessian diagonal."
     )
-    act_order: bool = Field(default=False, description="Quantize columns by Hessian diagonal.")
+    act_order: bool = Field(
+        default=True,
+        description="Quantize columns by descending Hessian diagonal; groups stay static "
+        "(contiguous), so kernels need no g_idx.",
+    )
     mse: bool = Field(default=False, description="Search clipped scales per group (slower).")
     true_sequential: bool = True
 

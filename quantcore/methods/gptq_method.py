@@ -51,7 +51,7 @@ class GPTQ:
         self,
         block_size: int = 128,
         damp: float = 0.01,
-        act_order: bool = False,
+        act_order: bool = True,
         mse: bool = False,
         true_sequential: bool = True,
     ):

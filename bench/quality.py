@@ -1,0 +1,104 @@
+"""Quality, time and memory of our methods on SmolLM2-135M-Instruct, printed as a table.
+
+    python -m bench.quality [--configs rtn-w4g64a,gptq-w4g64a,...] [--samples 16] [--windows 16]
+
+Each configuration runs in its own process so that its peak RSS is its own. Perplexity uses the
+GPTQ-paper protocol on the held-out articles; KL and top-1 agreement are against the base model
+on the same windows. SmolLM2's weights are dequantized Q4_1 (g32, float minimum), so group-32
+asymmetric RTN would be lossless by construction and is not among the configurations.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import resource
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+SCHEMES = {
+    "w4g64a": (4, 64, False),
+    "w4g64s": (4, 64, True),
+    "w3g64a": (3, 64, False),
+    "w8pcs": (8, -1, True),
+}
+METHODS = ("rtn", "gptq")
+DEFAULT = [f"{m}-{s}" for s in SCHEMES for m in METHODS]
+
+
+def run_one(config: str, samples: int, windows: int, seq_len: int) -> dict:
+    import copy
+
+    from huggingface_hub import constants
+
+    from quantcore.data.datasets import calibration_samples, evaluation_tokens
+    from quantcore.eval.agreement import agreement
+    from quantcore.eval.perplexity import perplexity
+    from quantcore.methods.base import QuantScheme, SchemeMap
+    from quantcore.methods.gptq_method import GPTQ
+    from quantcore.methods.rtn_method import RTN
+    from quantcore.models import smollm2
+    from quantcore.models.loading import load_causal_lm
+    from quantcore.walker import quantize_model
+
+    method, scheme = config.split("-", 1)
+    bits, group, sym = SCHEMES[scheme]
+    smollm2.prepare(Path(constants.HF_HUB_CACHE))
+    model, tok, _ = load_causal_lm(smollm2.REPO_ID)
+    tokens = evaluation_tokens(tok)
+    base = perplexity(model, tokens, seq_len, windows)
+    cal = calibration_samples(tok, "wiki-excerpt", samples, seq_len, seed=0)
+    quant = copy.deepcopy(model)
+    impl = {"rtn": RTN, "gptq": lambda: GPTQ(act_order=True)}[method]()
+    t0 = time.perf_counter()
+    quantize_model(quant, cal, impl, SchemeMap(QuantScheme(bits, group, sym)))
+    seconds = time.perf_counter() - t0
+    q = perplexity(quant, tokens, seq_len, windows)
+    agr = agreement(model, quant, tokens, seq_len, windows)
+    return {
+        "config": config, "ppl_base": base.ppl, "ppl_quant": q.ppl,
+        "change_pct": 100 * (q.ppl / base.ppl - 1), "kl": agr.kl, "top1": agr.top1,
+        "quantize_s": seconds,
+        "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
+    }
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--configs", default=",".join(DEFAULT))
+    ap.add_argument("--samples", type=int, default=16)
+    ap.add_argument("--windows", type=int, default=16)
+    ap.add_argument("--seq-len", type=int, default=512)
+    ap.add_argument("--one", help=argparse.SUPPRESS)
+    a = ap.parse_args()
+    if a.one:
+        print(json.dumps(run_one(a.one, a.samples, a.windows, a.seq_len)))
+        return
+    rows = []
+    for config in a.configs.split(","):
+        cmd = [sys.executable, "-m", "bench.quality", "--one", config, "--samples",
+               str(a.samples), "--windows", str(a.windows), "--seq-len", str(a.seq_len)]
+        out = subprocess.run(cmd, capture_output=True, text=True, env=os.environ.copy())
+        if out.returncode != 0:
+            print(f"{config}: failed\n{out.stderr[-2000:]}", file=sys.stderr)
+            continue
+        rows.append(json.loads(out.stdout.strip().splitlines()[-1]))
+        print(f"done {config}", file=sys.stderr, flush=True)
+    print(f"SmolLM2-135M-Instruct, calibration {a.samples}x{a.seq_len} tokens, "
+          f"evaluation {a.windows}x{a.seq_len} held-out tokens; GPTQ with act-order "
+          "(static groups), block 128, damp 0.01")
+    head = f"{'config':<14}{'ppl base':>10}{'ppl quant':>11}{'change':>9}{'KL':>9}" \
+           f"{'top-1':>8}{'time s':>8}{'peak RSS MB':>13}"
+    print(head)
+    print("-" * len(head))
+    for r in rows:
+        print(f"{r['config']:<14}{r['ppl_base']:>10.3f}{r['ppl_quant']:>11.3f}"
+              f"{r['change_pct']:>+8.2f}%{r['kl']:>9.4f}{r['top1']:>8.3f}"
+              f"{r['quantize_s']:>8.1f}{r['peak_rss_mb']:>13.0f}")
+
+
+if __name__ == "__main__":
+    main()
