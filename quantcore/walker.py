@@ -16,8 +16,7 @@ import torch
 from torch import nn
 
 from quantcore.errors import CancelledError
-from quantcore.methods.base import LayerMethod, SchemeMap
-from quantcore.methods.rtn_method import relative_error
+from quantcore.methods.base import LayerMethod, SchemeMap, relative_error
 from quantcore.models.loading import decoder_layers, linear_modules
 from quantcore.qtensor import QuantizedWeight
 

@@ -7,6 +7,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Protocol
 
+import torch
 from torch import nn
 
 from quantcore.qtensor import QuantizedWeight
@@ -60,3 +61,21 @@ class LayerMethod(Protocol):
         forward: Callable[[], None],
         on_module: ModuleDone,
     ) -> dict[str, QuantizedWeight]: ...
+
+
+def relative_error(ref: torch.Tensor, approx: torch.Tensor) -> float:
+    """||ref - approx||^2 / ||ref||^2."""
+    ref = ref.float()
+    denom = ref.pow(2).sum().clamp_min(1e-30)
+    return float((ref - approx.float()).pow(2).sum() / denom)
+
+
+@torch.no_grad()
+def install_quantized(linear: nn.Linear, qw: QuantizedWeight) -> float:
+    """Replace `linear`'s weight by the dequantized `qw` (so later layers see the quantized
+    model); returns the weight's relative error."""
+    w = linear.weight.data
+    deq = qw.dequantize(w.dtype)
+    err = relative_error(w, deq)
+    w.copy_(deq)
+    return err

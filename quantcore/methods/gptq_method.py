@@ -12,9 +12,8 @@ from collections.abc import Callable
 import torch
 from torch import nn
 
-from quantcore.methods.base import ModuleDone, QuantScheme
+from quantcore.methods.base import ModuleDone, QuantScheme, install_quantized
 from quantcore.methods.gptq import GPTQConfig, accumulate_hessian, gptq_quantize
-from quantcore.methods.rtn_method import relative_error
 from quantcore.qtensor import QuantizedWeight
 
 
@@ -97,11 +96,8 @@ class GPTQ:
                 lin, scheme = remaining.pop(name)
                 if stats.n[name] == 0:
                     raise RuntimeError(f"{name} saw no calibration input; it is never called")
-                w = lin.weight.data
-                qw, _loss = gptq_quantize(w, stats.h[name], self.config(scheme))
-                deq = qw.dequantize(w.dtype)
-                err = relative_error(w, deq)
-                w.copy_(deq)
+                qw, _loss = gptq_quantize(lin.weight.data, stats.h[name], self.config(scheme))
+                err = install_quantized(lin, qw)
                 out[name] = qw
                 on_module(name, qw, err)
             del stats

@@ -7,15 +7,9 @@ from collections.abc import Callable
 import torch
 from torch import nn
 
-from quantcore.methods.base import ModuleDone, QuantScheme
+from quantcore.methods.base import ModuleDone, QuantScheme, install_quantized
 from quantcore.methods.rtn import quantize_rtn
 from quantcore.qtensor import QuantizedWeight
-
-
-def relative_error(ref: torch.Tensor, approx: torch.Tensor) -> float:
-    ref = ref.float()
-    denom = ref.pow(2).sum().clamp_min(1e-30)
-    return float((ref - approx.float()).pow(2).sum() / denom)
 
 
 class RTN:
@@ -32,11 +26,8 @@ class RTN:
     ) -> dict[str, QuantizedWeight]:
         out = {}
         for name, (linear, scheme) in modules.items():
-            w = linear.weight.data
-            qw = quantize_rtn(w, scheme.bits, scheme.group_size, scheme.symmetric)
-            deq = qw.dequantize(w.dtype)
-            err = relative_error(w, deq)
-            linear.weight.data.copy_(deq)
+            qw = quantize_rtn(linear.weight.data, scheme.bits, scheme.group_size, scheme.symmetric)
+            err = install_quantized(linear, qw)
             out[name] = qw
             on_module(name, qw, err)
         return out
