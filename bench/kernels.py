@@ -49,8 +49,9 @@ CPU_MS = [1, 16, 64]
 ROTATE_BYTES = 256 * 1024**2
 
 
-def random_packed(n: int, k: int, bits: int, group_size: int, symmetric: bool,
-                  device: torch.device) -> PackedWeight:
+def random_packed(
+    n: int, k: int, bits: int, group_size: int, symmetric: bool, device: torch.device
+) -> PackedWeight:
     """Random packed weight made on the device (any int32 word is a valid set of codes)."""
     pf = 32 // bits
     words = (k + pf - 1) // pf
@@ -60,8 +61,11 @@ def random_packed(n: int, k: int, bits: int, group_size: int, symmetric: bool,
     if 32 % bits:  # 3-bit: keep the two unused top bits clear, as the packer does
         qweight &= (1 << (pf * bits)) - 1
     scales = (torch.rand(n, groups, device=device) * 0.01 + 0.001).half()
-    zeros = None if symmetric else torch.randint(
-        0, 1 << bits, (n, groups), dtype=torch.uint8, device=device)
+    zeros = (
+        None
+        if symmetric
+        else torch.randint(0, 1 << bits, (n, groups), dtype=torch.uint8, device=device)
+    )
     return PackedWeight(qweight, scales, zeros, None, bits, gs, k)
 
 
@@ -70,8 +74,10 @@ def cuda_median_us(fn: Callable[[int], object], reps: int, warmup: int = 10) -> 
     for i in range(warmup):
         fn(i)
     torch.cuda.synchronize()
-    events = [(torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True))
-              for _ in range(reps)]
+    events = [
+        (torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True))
+        for _ in range(reps)
+    ]
     for i, (start, end) in enumerate(events):
         start.record()
         fn(i)
@@ -117,20 +123,34 @@ def gpu_rows(
     device = torch.device("cuda")
     scheme = (args.bits, args.group_size, args.symmetric, device)
     probe = random_packed(n, k, *scheme)
-    packed = [probe] + [random_packed(n, k, *scheme)
-                        for _ in range(-(-ROTATE_BYTES // probe.nbytes()))]
-    dense = [torch.randn(n, k, device=device, dtype=torch.float16) * 0.02
-             for _ in range(1 + -(-ROTATE_BYTES // (n * k * 2)))]
+    packed = [probe] + [
+        random_packed(n, k, *scheme) for _ in range(-(-ROTATE_BYTES // probe.nbytes()))
+    ]
+    dense = [
+        torch.randn(n, k, device=device, dtype=torch.float16) * 0.02
+        for _ in range(1 + -(-ROTATE_BYTES // (n * k * 2)))
+    ]
     rows = []
     for m in GPU_MS:
         x = torch.randn(m, k, device=device, dtype=torch.float16)
         ours = cuda_median_us(
-            lambda i, x=x: quant_matmul(x, packed[i % len(packed)], backend="triton"), args.reps)
+            lambda i, x=x: quant_matmul(x, packed[i % len(packed)], backend="triton"), args.reps
+        )
         ref = cuda_median_us(lambda i, x=x: torch.matmul(x, dense[i % len(dense)].t()), args.reps)
         moved = probe.nbytes() + 2 * m * (k + n)  # packed weight + fp16 x and y
         gbs = moved / ours / 1e3
-        rows.append([name, f"{k}x{n}", str(m), f"{ours:.1f}", f"{ref:.1f}", f"{ref / ours:.2f}x",
-                     f"{gbs:.0f}", f"{100 * gbs / copy_bw:.0f}%"])
+        rows.append(
+            [
+                name,
+                f"{k}x{n}",
+                str(m),
+                f"{ours:.1f}",
+                f"{ref:.1f}",
+                f"{ref / ours:.2f}x",
+                f"{gbs:.0f}",
+                f"{100 * gbs / copy_bw:.0f}%",
+            ]
+        )
     return rows
 
 
@@ -139,8 +159,10 @@ def bench_gpu(args: argparse.Namespace) -> None:
     copy_bw = copy_bandwidth(device, args.reps)
     scheme = f"w{args.bits} g{args.group_size} {'sym' if args.symmetric else 'asym'}"
     print(f"{torch.cuda.get_device_name(device)}: device-to-device copy {copy_bw:.0f} GB/s")
-    print(f"Triton kernels ({scheme}, fp16 activations) vs fp16 torch.matmul; median of "
-          f"{args.reps} calls, weights rotated past L2\n")
+    print(
+        f"Triton kernels ({scheme}, fp16 activations) vs fp16 torch.matmul; median of "
+        f"{args.reps} calls, weights rotated past L2\n"
+    )
     rows = []
     for name, k, n in GPU_SHAPES:
         rows += gpu_rows(args, name, k, n, copy_bw)
@@ -152,10 +174,14 @@ def bench_cpu(args: argparse.Namespace) -> None:
     device = torch.device("cpu")
     copy_bw = copy_bandwidth(device, args.reps)
     scheme = f"w{args.bits} g{args.group_size} {'sym' if args.symmetric else 'asym'}"
-    print("No CUDA device: these are CPU timings of the torch reference (kernels.reference: "
-          "unpack, dequantize, fp32 matmul), NOT of the Triton kernels, on smaller shapes.")
-    print(f"CPU copy bandwidth {copy_bw:.1f} GB/s; {scheme}, fp32 activations vs a dense fp32 "
-          f"matmul; median of {args.cpu_reps} calls, {torch.get_num_threads()} threads\n")
+    print(
+        "No CUDA device: these are CPU timings of the torch reference (kernels.reference: "
+        "unpack, dequantize, fp32 matmul), NOT of the Triton kernels, on smaller shapes."
+    )
+    print(
+        f"CPU copy bandwidth {copy_bw:.1f} GB/s; {scheme}, fp32 activations vs a dense fp32 "
+        f"matmul; median of {args.cpu_reps} calls, {torch.get_num_threads()} threads\n"
+    )
     rows = []
     for name, k, n in CPU_SHAPES:
         w = random_packed(n, k, args.bits, args.group_size, args.symmetric, device)
@@ -166,8 +192,18 @@ def bench_cpu(args: argparse.Namespace) -> None:
             ref = cpu_median_us(lambda i, x=x, d=dense_t: torch.matmul(x, d), args.cpu_reps)
             moved = w.nbytes() + 4 * m * (k + n)
             gbs = moved / ours / 1e3
-            rows.append([name, f"{k}x{n}", str(m), f"{ours:.0f}", f"{ref:.0f}",
-                         f"{ref / ours:.2f}x", f"{gbs:.2f}", f"{100 * gbs / copy_bw:.1f}%"])
+            rows.append(
+                [
+                    name,
+                    f"{k}x{n}",
+                    str(m),
+                    f"{ours:.0f}",
+                    f"{ref:.0f}",
+                    f"{ref / ours:.2f}x",
+                    f"{gbs:.2f}",
+                    f"{100 * gbs / copy_bw:.1f}%",
+                ]
+            )
     print_table(["layer", "KxN", "M", "ref us", "fp32 us", "speedup", "GB/s", "% copy"], rows)
 
 

@@ -59,8 +59,12 @@ def run_one(config: str, samples: int, windows: int, seq_len: int) -> dict:
     q = perplexity(quant, tokens, seq_len, windows)
     agr = agreement(model, quant, tokens, seq_len, windows)
     return {
-        "config": config, "ppl_base": base.ppl, "ppl_quant": q.ppl,
-        "change_pct": 100 * (q.ppl / base.ppl - 1), "kl": agr.kl, "top1": agr.top1,
+        "config": config,
+        "ppl_base": base.ppl,
+        "ppl_quant": q.ppl,
+        "change_pct": 100 * (q.ppl / base.ppl - 1),
+        "kl": agr.kl,
+        "top1": agr.top1,
         "quantize_s": seconds,
         "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
     }
@@ -79,25 +83,42 @@ def main() -> None:
         return
     rows = []
     for config in a.configs.split(","):
-        cmd = [sys.executable, "-m", "bench.quality", "--one", config, "--samples",
-               str(a.samples), "--windows", str(a.windows), "--seq-len", str(a.seq_len)]
+        cmd = [
+            sys.executable,
+            "-m",
+            "bench.quality",
+            "--one",
+            config,
+            "--samples",
+            str(a.samples),
+            "--windows",
+            str(a.windows),
+            "--seq-len",
+            str(a.seq_len),
+        ]
         out = subprocess.run(cmd, capture_output=True, text=True, env=os.environ.copy())
         if out.returncode != 0:
             print(f"{config}: failed\n{out.stderr[-2000:]}", file=sys.stderr)
             continue
         rows.append(json.loads(out.stdout.strip().splitlines()[-1]))
         print(f"done {config}", file=sys.stderr, flush=True)
-    print(f"SmolLM2-135M-Instruct, calibration {a.samples}x{a.seq_len} tokens, "
-          f"evaluation {a.windows}x{a.seq_len} held-out tokens; GPTQ with act-order "
-          "(static groups), block 128, damp 0.01")
-    head = f"{'config':<14}{'ppl base':>10}{'ppl quant':>11}{'change':>9}{'KL':>9}" \
-           f"{'top-1':>8}{'time s':>8}{'peak RSS MB':>13}"
+    print(
+        f"SmolLM2-135M-Instruct, calibration {a.samples}x{a.seq_len} tokens, "
+        f"evaluation {a.windows}x{a.seq_len} held-out tokens; GPTQ with act-order "
+        "(static groups), block 128, damp 0.01"
+    )
+    head = (
+        f"{'config':<14}{'ppl base':>10}{'ppl quant':>11}{'change':>9}{'KL':>9}"
+        f"{'top-1':>8}{'time s':>8}{'peak RSS MB':>13}"
+    )
     print(head)
     print("-" * len(head))
     for r in rows:
-        print(f"{r['config']:<14}{r['ppl_base']:>10.3f}{r['ppl_quant']:>11.3f}"
-              f"{r['change_pct']:>+8.2f}%{r['kl']:>9.4f}{r['top1']:>8.3f}"
-              f"{r['quantize_s']:>8.1f}{r['peak_rss_mb']:>13.0f}")
+        print(
+            f"{r['config']:<14}{r['ppl_base']:>10.3f}{r['ppl_quant']:>11.3f}"
+            f"{r['change_pct']:>+8.2f}%{r['kl']:>9.4f}{r['top1']:>8.3f}"
+            f"{r['quantize_s']:>8.1f}{r['peak_rss_mb']:>13.0f}"
+        )
 
 
 if __name__ == "__main__":

@@ -22,8 +22,9 @@ from kernels import triton_gemm, triton_gemv  # noqa: E402
 MMA = {"fp16": tl.float16, "bf16": tl.bfloat16, "fp32": tl.float32}
 
 
-def compile_kernel(jit, pointers: dict[str, str], constexprs: dict, config: triton.Config,
-                   arch: int) -> int:
+def compile_kernel(
+    jit, pointers: dict[str, str], constexprs: dict, config: triton.Config, arch: int
+) -> int:
     """Compile for sm_<arch>; returns the shared memory the kernel needs, in bytes."""
     signature = {
         name: "constexpr" if name in constexprs else pointers.get(name, "i32")
@@ -38,8 +39,15 @@ def compile_kernel(jit, pointers: dict[str, str], constexprs: dict, config: trit
 
 
 def pointers(act: str) -> dict[str, str]:
-    return {"x_ptr": f"*{act}", "qw_ptr": "*i32", "s_ptr": "*fp16", "z_ptr": "*u8",
-            "g_ptr": "*i32", "b_ptr": f"*{act}", "out_ptr": f"*{act}"}
+    return {
+        "x_ptr": f"*{act}",
+        "qw_ptr": "*i32",
+        "s_ptr": "*fp16",
+        "z_ptr": "*u8",
+        "g_ptr": "*i32",
+        "b_ptr": f"*{act}",
+        "out_ptr": f"*{act}",
+    }
 
 
 def main() -> None:
@@ -49,23 +57,60 @@ def main() -> None:
     cases = []
     for act in ("fp16", "bf16"):
         for bits, gs, zeros, gidx in schemes:
-            flags = {"BITS": bits, "GROUP_SIZE": gs, "HAS_ZEROS": zeros, "HAS_GIDX": gidx,
-                     "HAS_BIAS": True, "MMA_DTYPE": MMA[act]}
+            flags = {
+                "BITS": bits,
+                "GROUP_SIZE": gs,
+                "HAS_ZEROS": zeros,
+                "HAS_GIDX": gidx,
+                "HAS_BIAS": True,
+                "MMA_DTYPE": MMA[act],
+            }
             for block_m in (1, 16):
                 cfg = triton_gemv.CONFIGS[1]
-                cases.append(("gemv", triton_gemv._gemv_kernel.fn, pointers(act),
-                              {**flags, "BLOCK_M": block_m, **cfg.kwargs}, cfg, 90))
+                cases.append(
+                    (
+                        "gemv",
+                        triton_gemv._gemv_kernel.fn,
+                        pointers(act),
+                        {**flags, "BLOCK_M": block_m, **cfg.kwargs},
+                        cfg,
+                        90,
+                    )
+                )
             cfg = triton_gemm._configs()[2]
-            cases.append(("gemm", triton_gemm._gemm_kernel.fn, pointers(act),
-                          {**flags, **cfg.kwargs}, cfg, 90))
-    fp32 = {"BITS": 8, "GROUP_SIZE": 64, "HAS_ZEROS": True, "HAS_GIDX": False,
-            "HAS_BIAS": False, "MMA_DTYPE": tl.float32}
+            cases.append(
+                (
+                    "gemm",
+                    triton_gemm._gemm_kernel.fn,
+                    pointers(act),
+                    {**flags, **cfg.kwargs},
+                    cfg,
+                    90,
+                )
+            )
+    fp32 = {
+        "BITS": 8,
+        "GROUP_SIZE": 64,
+        "HAS_ZEROS": True,
+        "HAS_GIDX": False,
+        "HAS_BIAS": False,
+        "MMA_DTYPE": tl.float32,
+    }
     cfg = triton_gemm._configs()[1]
-    cases.append(("gemm", triton_gemm._gemm_kernel.fn, pointers("fp32"), {**fp32, **cfg.kwargs},
-                  cfg, 80))
+    cases.append(
+        ("gemm", triton_gemm._gemm_kernel.fn, pointers("fp32"), {**fp32, **cfg.kwargs}, cfg, 80)
+    )
     reduce_ptrs = {"ws_ptr": "*fp32", "b_ptr": "*fp16", "out_ptr": "*fp16"}
-    cases.append(("splitk_reduce", triton_gemv._splitk_reduce_kernel, reduce_ptrs,
-                  {"HAS_BIAS": True, "BLOCK": 1024}, triton.Config({}, num_warps=4), 90))
+    cases.append(
+        (
+            "splitk_reduce",
+            triton_gemv._splitk_reduce_kernel,
+            reduce_ptrs,
+            {"HAS_BIAS": True, "BLOCK": 1024},
+            triton.Config({}, num_warps=4),
+            90,
+        )
+    )
     for name, jit, ptrs, constexprs, cfg, arch in cases:
         shared = compile_kernel(jit, ptrs, constexprs, cfg, arch)
         label = ",".join(f"{k}={v}" for k, v in constexprs.items() if k != "MMA_DTYPE")

@@ -15,8 +15,14 @@ def test_kernels_compile_for_cuda_targets(tmp_path):
     env["TRITON_CACHE_DIR"] = str(tmp_path)  # compile afresh, never from a stale cache
     env["TRITON_DEFAULT_FP_FUSION"] = "1"
     env["PYTHONPATH"] = str(ROOT)
-    p = subprocess.run([sys.executable, "-m", "tests.kernels.cuda_compile"], cwd=ROOT, env=env,
-                       capture_output=True, text=True, timeout=300)
+    p = subprocess.run(
+        [sys.executable, "-m", "tests.kernels.cuda_compile"],
+        cwd=ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert p.returncode == 0, p.stdout + p.stderr
     lines = p.stdout.splitlines()
     assert len(lines) == 14 and all(line.startswith("ok ") for line in lines), p.stdout

@@ -62,8 +62,9 @@ def test_reference_linear_is_a_dense_linear():
     assert torch.allclose(y3.float(), (x3.float() @ w16.t()).half().float())
 
 
-@pytest.mark.parametrize("bits,group_size,symmetric", [(4, 64, False), (3, 128, True),
-                                                      (8, -1, False), (2, 32, False)])
+@pytest.mark.parametrize(
+    "bits,group_size,symmetric", [(4, 64, False), (3, 128, True), (8, -1, False), (2, 32, False)]
+)
 def test_artifact_tensors_round_trip(bits, group_size, symmetric):
     # quantcore's RTN + pack-quantized tensors -> PackedWeight dequantizes to the same weight
     # as quantcore's own QuantizedWeight (zero points come packed along dim 0 there).

@@ -39,8 +39,10 @@ MS = [1, 3, 16, 33]
 def _scheme_id(s: tuple) -> str:
     bits, gs, sym, act, dt, sdt, k, n, bias = s
     group = "pc" if gs == -1 else f"g{gs}"
-    return (f"w{bits}{group}-{'sym' if sym else 'asym'}{'-act' if act else ''}-"
-            f"{str(dt)[6:]}-s{str(sdt)[6:]}-k{k}n{n}{'-bias' if bias else ''}")
+    return (
+        f"w{bits}{group}-{'sym' if sym else 'asym'}{'-act' if act else ''}-"
+        f"{str(dt)[6:]}-s{str(sdt)[6:]}-k{k}n{n}{'-bias' if bias else ''}"
+    )
 
 
 def _poisoned(m: int, n: int, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
@@ -153,5 +155,9 @@ def test_rejects_bad_input(device):
         gemv(random_input(1, 64, F32).to(device), w, torch.zeros(31, device=device))
     wide = random_weight(32, 576, 4, 64, False).to(device)
     with pytest.raises(ValueError, match="workspace must be fp32"):
-        gemv(random_input(2, 576, F32).to(device), wide, split_k=3,
-             workspace=torch.empty(3 * 2 * 32 - 1, device=device))
+        gemv(
+            random_input(2, 576, F32).to(device),
+            wide,
+            split_k=3,
+            workspace=torch.empty(3 * 2 * 32 - 1, device=device),
+        )

@@ -46,13 +46,20 @@ def _problem(out_f=16, in_f=96, tokens=400, seed=0):
     return w, h, x
 
 
-@pytest.mark.parametrize(("bits", "gs", "sym", "block"), [
-    (4, 32, False, 128), (3, 32, True, 16), (4, 96, False, 32), (2, 48, False, 7),
-])
+@pytest.mark.parametrize(
+    ("bits", "gs", "sym", "block"),
+    [
+        (4, 32, False, 128),
+        (3, 32, True, 16),
+        (4, 96, False, 32),
+        (2, 48, False, 7),
+    ],
+)
 def test_matches_textbook(bits, gs, sym, block):
     w, h, _ = _problem()
-    qw, _ = gptq_quantize(w, h, GPTQConfig(bits, gs, sym, block_size=block, damp=0.01),
-                          scale_dtype=torch.float32)
+    qw, _ = gptq_quantize(
+        w, h, GPTQConfig(bits, gs, sym, block_size=block, damp=0.01), scale_dtype=torch.float32
+    )
     ref = textbook_gptq(w, h, bits, gs, sym, 0.01)
     agree = (qw.codes.long() == ref).float().mean()
     assert agree > 0.995, f"only {agree:.3f} of codes agree"
@@ -65,8 +72,9 @@ def _output_error(w, deq, x):
 @pytest.mark.parametrize("act_order", [False, True])
 def test_beats_rtn_on_its_inputs(act_order):
     w, h, x = _problem(seed=3)
-    qw, _ = gptq_quantize(w, h, GPTQConfig(4, 32, False, act_order=act_order),
-                          scale_dtype=torch.float32)
+    qw, _ = gptq_quantize(
+        w, h, GPTQConfig(4, 32, False, act_order=act_order), scale_dtype=torch.float32
+    )
     rtn = quantize_rtn(w, 4, 32, False, scale_dtype=torch.float32)
     assert qw.g_idx is None  # static groups: contiguous in original order
     assert _output_error(w, qw.dequantize(), x) < 0.7 * _output_error(w, rtn.dequantize(), x)
@@ -76,8 +84,7 @@ def test_mse_scale_search_lowers_weight_error():
     w, h, _ = _problem(seed=5)
     eye = torch.eye(w.shape[1])  # identity Hessian: GPTQ reduces to plain rounding
     plain, _ = gptq_quantize(w, eye, GPTQConfig(3, 32, False), scale_dtype=torch.float32)
-    mse, _ = gptq_quantize(w, eye, GPTQConfig(3, 32, False, mse=True),
-                           scale_dtype=torch.float32)
+    mse, _ = gptq_quantize(w, eye, GPTQConfig(3, 32, False, mse=True), scale_dtype=torch.float32)
     err = lambda q: float((q.dequantize() - w).pow(2).sum())  # noqa: E731
     assert err(mse) < err(plain)
 
