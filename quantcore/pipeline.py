@@ -3,6 +3,8 @@ write the artifact, verify it. Callable from a notebook, the CLI's local mode or
 
 from __future__ import annotations
 
+import hashlib
+import json
 import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
@@ -11,6 +13,7 @@ from pathlib import Path
 import torch
 
 from quantcore.artifact import load_quantized, write_artifact
+from quantcore.checkpoint import LayerCheckpoint
 from quantcore.data.datasets import BUILTIN, calibration_samples, evaluation_tokens
 from quantcore.errors import BadRequestError
 from quantcore.eval.perplexity import perplexity
@@ -80,6 +83,11 @@ class RunResult:
         return asdict(self)
 
 
+def request_key(req: QuantizeRequest) -> str:
+    """A digest of everything that determines the result: checkpoints are only reused for it."""
+    return hashlib.sha256(json.dumps(asdict(req), sort_keys=True, default=str).encode()).hexdigest()
+
+
 def _check(req: QuantizeRequest, model: torch.nn.Module) -> None:
     if req.method not in METHODS:
         raise BadRequestError(f"unknown method {req.method!r}; available: {sorted(METHODS)}")
@@ -93,8 +101,14 @@ def run(
     on_progress: Callable[[Progress], None] = lambda p: None,
     should_cancel: Callable[[], bool] | None = None,
     device: str | torch.device | None = None,
+    checkpoint_dir: Path | None = None,
 ) -> RunResult:
+    """Run every phase. With `checkpoint_dir`, a run of the same request that was killed
+    resumes after its last finished layer (and skips the base evaluation it already did)."""
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")
+    checkpoint = None
+    if checkpoint_dir is not None:
+        checkpoint = LayerCheckpoint(checkpoint_dir, request_key(req))
     seconds: dict[str, float] = {}
     t = time.perf_counter()
 
@@ -115,16 +129,20 @@ def run(
     def eval_progress(phase: str, label: str) -> Callable[[int, int], None]:
         return lambda i, n: on_progress(Progress(phase, i, n, f"{label}: window {i}/{n}"))
 
-    model.to(device)
-    base = perplexity(
-        model,
-        eval_tokens,
-        ev.seq_len,
-        ev.max_windows,
-        device,
-        eval_progress("evaluate_base", "base model perplexity"),
-    )
-    model.to("cpu")
+    base = checkpoint.value("ppl_base") if checkpoint is not None else None
+    if base is None:
+        model.to(device)
+        base = perplexity(
+            model,
+            eval_tokens,
+            ev.seq_len,
+            ev.max_windows,
+            device,
+            eval_progress("evaluate_base", "base model perplexity"),
+        ).ppl
+        model.to("cpu")
+        if checkpoint is not None:
+            checkpoint.set_value("ppl_base", base)
     phase_done("evaluate_base")
 
     cal = req.calibration
@@ -166,6 +184,7 @@ def run(
         on_module=module_progress,
         on_layer=layer_progress,
         should_cancel=should_cancel,
+        checkpoint=checkpoint,
     )
     num_layers = len({k.rsplit(".", 2)[0] for k in quantized})
     phase_done("quantize")
@@ -197,10 +216,12 @@ def run(
     )
     phase_done("verify")
 
+    if checkpoint is not None:
+        checkpoint.clear()
     return RunResult(
-        ppl_base=base.ppl,
+        ppl_base=base,
         ppl_quant=quant.ppl,
-        ppl_change_pct=100.0 * (quant.ppl / base.ppl - 1.0),
+        ppl_change_pct=100.0 * (quant.ppl / base - 1.0),
         eval_tokens=quant.tokens,
         eval_windows=quant.windows,
         eval_seq_len=ev.seq_len,

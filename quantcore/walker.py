@@ -15,6 +15,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
+from quantcore.checkpoint import LayerCheckpoint
 from quantcore.errors import CancelledError
 from quantcore.methods.base import LayerMethod, SchemeMap, relative_error
 from quantcore.models.loading import decoder_layers, linear_modules
@@ -126,14 +127,28 @@ def quantize_model(
     on_module: Callable[[ModuleEvent], None] | None = None,
     on_layer: Callable[[LayerEvent], None] | None = None,
     should_cancel: Callable[[], bool] | None = None,
+    checkpoint: LayerCheckpoint | None = None,
 ) -> dict[str, QuantizedWeight]:
     """Quantize every decoder-block Linear of `model` in place (weights become their
-    dequantized values) and return the quantized weights by full module name."""
+    dequantized values) and return the quantized weights by full module name.
+
+    With a `checkpoint`, each finished layer is saved, and layers an earlier run finished are
+    restored instead of being quantized again.
+    """
     prefix, blocks = decoder_layers(model)
     n = len(blocks)
     batches = capture_block_inputs(model, blocks, samples, batch_size, device)
     result: dict[str, QuantizedWeight] = {}
-    for i, block in enumerate(blocks):
+    start = checkpoint.layers_done if checkpoint is not None else 0
+    if start:
+        for i in range(start):
+            state, quantized = checkpoint.load_layer(i)
+            blocks[i].load_state_dict(state)
+            result.update({f"{prefix}.{i}.{k}": qw for k, qw in quantized.items()})
+        for x, h in zip(batches, checkpoint.load_inputs(), strict=True):
+            x.hidden = h.to(device)
+    for i in range(start, n):
+        block = blocks[i]
         if should_cancel is not None and should_cancel():
             raise CancelledError(f"cancelled before layer {i + 1} of {n}")
         t0 = time.perf_counter()
@@ -143,6 +158,8 @@ def quantize_model(
         )
         result.update({f"{prefix}.{i}.{k}": qw.to("cpu") for k, qw in quantized.items()})
         block.to("cpu")
+        if checkpoint is not None:
+            checkpoint.save_layer(i, block.state_dict(), quantized, [x.hidden for x in batches])
         if on_layer is not None:
             on_layer(LayerEvent(i + 1, n, err, time.perf_counter() - t0))
     return result

@@ -76,8 +76,13 @@ def run_job(settings: Settings, job_id: str, worker: str) -> str:
             request = _request(job)
         device = None if settings.device == "auto" else settings.device
         assert settings.artifact_dir is not None
+        # A new attempt of the same job resumes from the last finished layer.
         result = run(
-            request, settings.artifact_dir / job_id, on_progress=on_progress, device=device
+            request,
+            settings.artifact_dir / job_id,
+            on_progress=on_progress,
+            device=device,
+            checkpoint_dir=settings.home / "checkpoints" / job_id,
         )
     except Exception as exc:  # every failure ends the job with a reason
         reason, message = failure_for(exc)

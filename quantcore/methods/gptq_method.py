@@ -26,16 +26,22 @@ class _Stats:
             for n, m in modules.items()
         }
         self.n = dict.fromkeys(modules, 0)
-        self.input_id: dict[str, int] = {}
+        # The first input each module saw, kept alive so that tensor identity is meaningful
+        # (the id of a freed tensor can be reused by a later one).
+        self.first_input: dict[str, torch.Tensor] = {}
         self._handles = [m.register_forward_hook(self._hook(n)) for n, m in modules.items()]
 
     def _hook(self, name: str):
         def hook(_mod, args, _out):
             x = args[0].detach()
-            self.input_id.setdefault(name, id(args[0]))
+            self.first_input.setdefault(name, args[0])
             self.h[name], self.n[name] = accumulate_hessian(self.h[name], self.n[name], x)
 
         return hook
+
+    def same_input(self, a: str, b: str) -> bool:
+        x, y = self.first_input.get(a), self.first_input.get(b)
+        return x is not None and x is y
 
     def remove(self) -> None:
         for h in self._handles:
@@ -89,7 +95,7 @@ class GPTQ:
                 stats.remove()
             if self.true_sequential:
                 first = next(iter(remaining))
-                step = [n for n in remaining if stats.input_id.get(n) == stats.input_id.get(first)]
+                step = [n for n in remaining if stats.same_input(n, first)] or [first]
             else:
                 step = list(remaining)
             for name in step:

@@ -161,3 +161,51 @@ def test_gptq_is_true_sequential_and_beats_rtn(tiny_model_dir, tokenizer):
     # collected after the earlier steps were quantized.
     assert Counting.steps == [[0, 3, 4, 6], [0, 3, 4, 6]]
     assert errors["gptq"] < errors["rtn"]
+
+
+def test_killed_run_resumes_bit_identical(tiny_model_dir, tokenizer, tmp_path):
+    from quantcore.checkpoint import LayerCheckpoint
+    from quantcore.methods.gptq_method import GPTQ
+
+    samples = calibration_samples(tokenizer, "wiki-excerpt", 4, 64, seed=0)
+    schemes = SchemeMap(QuantScheme(4, 32, False))
+
+    def fresh():
+        return AutoModelForCausalLM.from_pretrained(tiny_model_dir).eval()
+
+    straight = quantize_model(fresh(), samples, GPTQ(), schemes)
+
+    # First run: stopped after layer 1 (a cancel here; a kill leaves the same files).
+    layers: list = []
+    with pytest.raises(CancelledError):
+        quantize_model(
+            fresh(),
+            samples,
+            GPTQ(),
+            schemes,
+            on_layer=layers.append,
+            should_cancel=lambda: len(layers) >= 1,
+            checkpoint=LayerCheckpoint(tmp_path / "ck", "key-a"),
+        )
+    assert LayerCheckpoint(tmp_path / "ck", "key-a").layers_done == 1
+
+    # Second run, same request: only layer 2 is quantized, and everything matches bit for bit.
+    resumed_layers: list = []
+    model = fresh()
+    resumed = quantize_model(
+        model,
+        samples,
+        GPTQ(),
+        schemes,
+        on_layer=resumed_layers.append,
+        checkpoint=LayerCheckpoint(tmp_path / "ck", "key-a"),
+    )
+    assert [e.layer for e in resumed_layers] == [2]
+    assert resumed.keys() == straight.keys()
+    for name, qw in straight.items():
+        assert torch.equal(resumed[name].codes, qw.codes), name
+        assert torch.equal(resumed[name].scales, qw.scales), name
+        assert torch.equal(dict(model.named_parameters())[f"{name}.weight"], qw.dequantize())
+
+    # A different request does not reuse the files.
+    assert LayerCheckpoint(tmp_path / "ck", "key-b").layers_done == 0
