@@ -49,6 +49,20 @@ def get_job(job_id: str, session: SessionDep) -> JobOut:
     return JobOut.of(job)
 
 
+@router.post("/{job_id}/cancel", status_code=202, response_model=JobOut)
+def cancel_job(job_id: str, session: SessionDep) -> JobOut:
+    """A queued job is cancelled at once; a running one becomes `cancelling` and its worker
+    stops before the next layer (or evaluation window)."""
+    try:
+        job = lifecycle.request_cancel(session, job_id)
+    except KeyError:
+        raise HTTPException(404, f"no job with id {job_id}") from None
+    except lifecycle.CancelRefused as e:
+        raise HTTPException(409, str(e)) from e
+    session.commit()
+    return JobOut.of(job)
+
+
 @router.get("", response_model=JobPage)
 def list_jobs(
     session: SessionDep,

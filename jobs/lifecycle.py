@@ -105,29 +105,78 @@ def record_progress(
     return res.rowcount == 1
 
 
-def succeed(session: Session, job_id: str, attempt: int, results: dict[str, Any]) -> bool:
-    return _fenced(
-        session,
-        job_id,
-        State.running,
-        attempt,
-        State.succeeded,
-        results=results,
-        phase="done",
-        finished_at=utcnow(),
+def _finish(session: Session, job_id: str, attempt: int, dst: State, **values: Any) -> bool:
+    """End the attempt's run; a cancel that arrived too late to stop it loses to the result."""
+    return any(
+        _fenced(session, job_id, src, attempt, dst, finished_at=utcnow(), **values)
+        for src in (State.running, State.cancelling)
     )
 
 
+def succeed(session: Session, job_id: str, attempt: int, results: dict[str, Any]) -> bool:
+    return _finish(session, job_id, attempt, State.succeeded, results=results, phase="done")
+
+
 def fail(session: Session, job_id: str, attempt: int, reason: FailureReason, message: str) -> bool:
-    return _fenced(
+    return _finish(
         session,
         job_id,
-        State.running,
         attempt,
         State.failed,
         failure_reason=reason.value,
         failure_message=message,
+    )
+
+
+class CancelRefused(ValueError):
+    pass
+
+
+def request_cancel(session: Session, job_id: str) -> Job:
+    """Cancel a queued job at once; ask a running one to stop (the worker stops between
+    layers and moves it from cancelling to cancelled). Raises CancelRefused when finished."""
+    job = session.get(Job, job_id)
+    if job is None:
+        raise KeyError(job_id)
+    state = State(job.state)
+    if state == State.queued:
+        ok = _fenced(
+            session,
+            job_id,
+            State.queued,
+            job.attempt,
+            State.cancelled,
+            finished_at=utcnow(),
+            progress_message="cancelled before it started",
+        )
+    elif state == State.running:
+        ok = _fenced(session, job_id, State.running, job.attempt, State.cancelling)
+    elif state == State.cancelling:
+        ok = True
+    else:
+        raise CancelRefused(f"job {job_id} is already {state.value}; there is nothing to cancel")
+    if not ok:  # it moved on between the read and the update: let the caller look again
+        raise CancelRefused(f"job {job_id} changed state while cancelling; retry")
+    session.flush()
+    session.refresh(job)
+    return job
+
+
+def cancel_requested(session: Session, job_id: str, attempt: int) -> bool:
+    """Whether the run holding `attempt` should stop (cancel asked, or the job moved on)."""
+    job = session.get(Job, job_id)
+    return job is None or job.attempt != attempt or job.state != State.running.value
+
+
+def finish_cancelled(session: Session, job_id: str, attempt: int) -> bool:
+    return _fenced(
+        session,
+        job_id,
+        State.cancelling,
+        attempt,
+        State.cancelled,
         finished_at=utcnow(),
+        phase="cancelled",
     )
 
 

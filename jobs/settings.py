@@ -25,6 +25,9 @@ class Settings(BaseSettings):
     artifact_dir: Path | None = Field(default=None, description="Local artifact sink directory.")
     queue: str = Field(default="gpu-default", description="Celery queue jobs are sent to.")
     device: str = Field(default="auto", description="Compute device for workers: auto|cpu|cuda.")
+    cancel_poll_s: float = Field(
+        default=1.0, description="Least seconds between two cancellation checks of a worker."
+    )
     progress_interval_s: float = Field(
         default=0.5, description="Least seconds between two progress writes of one job."
     )

@@ -15,7 +15,7 @@ import torch
 from quantcore.artifact import load_quantized, write_artifact
 from quantcore.checkpoint import LayerCheckpoint
 from quantcore.data.datasets import BUILTIN, calibration_samples, evaluation_tokens
-from quantcore.errors import BadRequestError
+from quantcore.errors import BadRequestError, CancelledError
 from quantcore.eval.perplexity import perplexity
 from quantcore.methods.base import LayerMethod, QuantScheme, SchemeMap
 from quantcore.methods.gptq_method import GPTQ
@@ -127,7 +127,13 @@ def run(
     eval_tokens = evaluation_tokens(tokenizer, ev.dataset)
 
     def eval_progress(phase: str, label: str) -> Callable[[int, int], None]:
-        return lambda i, n: on_progress(Progress(phase, i, n, f"{label}: window {i}/{n}"))
+        def window_done(i: int, n: int) -> None:
+            on_progress(Progress(phase, i, n, f"{label}: window {i}/{n}"))
+            # Long evaluations stop between windows, as quantization stops between layers.
+            if should_cancel is not None and i < n and should_cancel():
+                raise CancelledError(f"cancelled during {phase} (window {i} of {n})")
+
+        return window_done
 
     base = checkpoint.value("ppl_base") if checkpoint is not None else None
     if base is None:

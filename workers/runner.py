@@ -67,7 +67,19 @@ def run_job(settings: Settings, job_id: str, worker: str) -> str:
         with session_scope(url) as s:
             lifecycle.record_progress(s, job_id, attempt, p.phase, p.done, p.total, p.message)
 
+    last_check = 0.0
+
+    def should_cancel() -> bool:
+        nonlocal last_check
+        now = time.monotonic()
+        if now - last_check < settings.cancel_poll_s:
+            return False
+        last_check = now
+        with session_scope(url) as s:
+            return lifecycle.cancel_requested(s, job_id, attempt)
+
     try:
+        from quantcore.errors import CancelledError
         from quantcore.pipeline import run
 
         with session_scope(url) as s:
@@ -81,9 +93,15 @@ def run_job(settings: Settings, job_id: str, worker: str) -> str:
             request,
             settings.artifact_dir / job_id,
             on_progress=on_progress,
+            should_cancel=should_cancel,
             device=device,
             checkpoint_dir=settings.home / "checkpoints" / job_id,
         )
+    except CancelledError as exc:
+        log.info("job %s cancelled: %s", job_id, exc)
+        with session_scope(url) as s:
+            lifecycle.finish_cancelled(s, job_id, attempt)
+        return "cancelled"
     except Exception as exc:  # every failure ends the job with a reason
         reason, message = failure_for(exc)
         log.error(

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import time
 from pathlib import Path
 
 import httpx
@@ -69,3 +70,30 @@ def test_unknown_model_fails_with_actionable_reason(stack):
     assert job["failure"]["reason"] == "model_not_found"
     msg = job["failure"]["message"]
     assert "nobody-here/no-such-model" in msg and "cache" in msg and "hf download" in msg
+
+
+def test_cancel_mid_run_stops_within_a_step(stack):
+    # A long base evaluation (thousands of short windows) keeps the job running long enough.
+    created = stack.submit(spec(evaluation={"seq_len": 32, "max_windows": 5000}))
+    deadline = time.monotonic() + 60
+    while time.monotonic() < deadline:
+        job = httpx.get(f"{stack.url}/v1/jobs/{created['id']}", timeout=10).json()
+        if job["state"] == "running" and job["progress"]["phase"] == "evaluate_base":
+            break
+        time.sleep(0.1)
+    else:
+        raise AssertionError(f"job never started evaluating: {job}")
+    r = httpx.post(f"{stack.url}/v1/jobs/{created['id']}/cancel", timeout=10)
+    assert r.status_code == 202 and r.json()["state"] in ("cancelling", "cancelled")
+    t0 = time.monotonic()
+    job = stack.wait(created["id"], timeout=60)
+    assert job["state"] == "cancelled", job
+    assert time.monotonic() - t0 < 15
+    assert job["progress"]["done"] < job["progress"]["total"]
+    assert job["results"] is None
+    # A finished job cannot be cancelled again; an unknown one is 404.
+    again = httpx.post(f"{stack.url}/v1/jobs/{created['id']}/cancel", timeout=10)
+    assert again.status_code == 409 and "already cancelled" in again.json()["detail"]
+    assert httpx.post(f"{stack.url}/v1/jobs/nope/cancel", timeout=10).status_code == 404
+    # The worker is free again: the next job runs to the end.
+    assert stack.wait(stack.submit(spec())["id"])["state"] == "succeeded"

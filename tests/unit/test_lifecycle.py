@@ -71,3 +71,32 @@ def test_list_is_newest_first_with_stable_cursor(url):
             if cursor is None:
                 break
     assert seen == ids[::-1]
+
+
+def test_cancel_queued_running_and_finished(url):
+    queued = _new(url)
+    with session_scope(url) as s:
+        job = lifecycle.request_cancel(s, queued)
+        assert job.state == "cancelled" and job.finished_at is not None
+        assert lifecycle.claim(s, queued, "w") is None  # a late delivery does not run it
+        with pytest.raises(lifecycle.CancelRefused, match="already cancelled"):
+            lifecycle.request_cancel(s, queued)
+
+    running = _new(url)
+    with session_scope(url) as s:
+        assert lifecycle.claim(s, running, "w") == 1
+        assert not lifecycle.cancel_requested(s, running, 1)
+        assert lifecycle.request_cancel(s, running).state == "cancelling"
+        assert lifecycle.cancel_requested(s, running, 1)
+        # Progress of a run being cancelled is not recorded; the worker finishes the cancel.
+        assert not lifecycle.record_progress(s, running, 1, "quantize", 1, 2, "x")
+        assert lifecycle.finish_cancelled(s, running, 1)
+        assert s.get(Job, running).state == "cancelled"
+
+    late = _new(url)
+    with session_scope(url) as s:
+        lifecycle.claim(s, late, "w")
+        lifecycle.request_cancel(s, late)
+        # The run finished before it saw the cancel: the result stands.
+        assert lifecycle.succeed(s, late, 1, {"ppl_quant": 1.0})
+        assert s.get(Job, late).state == "succeeded"
