@@ -10,7 +10,7 @@ from pathlib import Path
 
 import httpx
 from rich.console import Console
-from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
+from rich.progress import BarColumn, Progress, TextColumn
 from rich.table import Table
 
 from jobs.settings import get_settings
@@ -101,9 +101,8 @@ def _watch(
 ) -> dict:
     columns = (
         TextColumn("{task.description:<13}"),
-        BarColumn(bar_width=24),
+        BarColumn(bar_width=20),
         TextColumn("{task.completed:>3.0f}/{task.total:<3.0f}"),
-        TimeElapsedColumn(),
         TextColumn("{task.fields[message]}"),
     )
     with Progress(*columns, console=console) as bars:
@@ -121,7 +120,7 @@ def _watch(
                     tasks[p["phase"]],
                     completed=p["done"],
                     total=p["total"],
-                    message=(p["message"] or "")[:48],
+                    message=(p["message"] or "")[:44],
                 )
             if job["state"] in TERMINAL:
                 for t in tasks.values():
@@ -149,6 +148,6 @@ def _report(job: dict) -> int:
     t.add_row("held-out tokens", f"{r['eval_tokens']} ({r['eval_windows']} x {r['eval_seq_len']})")
     t.add_row("artifact size", f"{r['artifact_bytes'] / 1e6:.1f} MB")
     t.add_row("quantized Linears", f"{r['quantized_modules']} in {r['num_layers']} layers")
-    t.add_row("artifact", r["artifact_path"])
     console.print(t)
+    console.print(f"artifact: {r['artifact_path']}", soft_wrap=True)
     return 0
