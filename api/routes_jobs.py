@@ -2,10 +2,14 @@
 
 from __future__ import annotations
 
+import json
 import logging
+import time
+from collections.abc import Iterator
 from typing import Annotated
 
-from fastapi import APIRouter, HTTPException, Query, Response
+from fastapi import APIRouter, Header, HTTPException, Query, Request, Response
+from fastapi.responses import StreamingResponse
 
 from api.deps import SessionDep, SettingsDep
 from api.schemas import JobOut, JobPage
@@ -13,7 +17,7 @@ from jobs import lifecycle
 from jobs.models import Job
 from jobs.queue import enqueue
 from jobs.spec import JobSpec
-from jobs.states import FailureReason
+from jobs.states import TERMINAL, FailureReason, State
 
 log = logging.getLogger(__name__)
 router = APIRouter(prefix="/v1/jobs", tags=["jobs"])
@@ -75,3 +79,61 @@ def list_jobs(
     except ValueError as e:
         raise HTTPException(422, f"cursor: {e}") from e
     return JobPage(items=[JobOut.of(j) for j in jobs], next_cursor=nxt)
+
+
+EVENT_POLL_S = 0.25
+KEEPALIVE_S = 15.0
+
+
+def _sse(event_id: int, kind: str, data: dict) -> str:
+    return f"id: {event_id}\nevent: {kind}\ndata: {json.dumps(data)}\n\n"
+
+
+@router.get(
+    "/{job_id}/events",
+    response_class=StreamingResponse,
+    responses={200: {"content": {"text/event-stream": {}}}},
+)
+def job_events(
+    job_id: str,
+    request: Request,
+    session: SessionDep,
+    last_event_id: Annotated[
+        str | None, Header(description="Resume after this event id (sent by EventSource).")
+    ] = None,
+    after: Annotated[int | None, Query(ge=0, description="Same as Last-Event-ID.")] = None,
+) -> StreamingResponse:
+    """Server-sent events of one job: `state` (queued, running, ... with the failure reason),
+    `progress` (phase, done/total, message, eta_s). Ends after the job's final state."""
+    if session.get(Job, job_id) is None:
+        raise HTTPException(404, f"no job with id {job_id}")
+    try:
+        start = int(last_event_id) if last_event_id is not None else (after or 0)
+    except ValueError:
+        raise HTTPException(422, f"Last-Event-ID: {last_event_id!r} is not an event id") from None
+    make_session = request.app.state.session_factory
+
+    def stream() -> Iterator[str]:
+        last, quiet = start, 0.0
+        while True:
+            with make_session() as s:
+                # The state first: once it is final, every event before it is committed.
+                terminal = State(s.get(Job, job_id).state) in TERMINAL
+                events = lifecycle.events_after(s, job_id, last)
+            for e in events:
+                yield _sse(e.id, e.kind, e.data)
+                last = e.id
+            if events:
+                quiet = 0.0
+                continue
+            if terminal:
+                return
+            time.sleep(EVENT_POLL_S)
+            quiet += EVENT_POLL_S
+            if quiet >= KEEPALIVE_S:
+                yield ": keep-alive\n\n"
+                quiet = 0.0
+
+    return StreamingResponse(
+        stream(), media_type="text/event-stream", headers={"Cache-Control": "no-cache"}
+    )

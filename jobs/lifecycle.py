@@ -14,7 +14,7 @@ from typing import Any
 from sqlalchemy import and_, or_, select, update
 from sqlalchemy.orm import Session
 
-from jobs.models import Job, utcnow
+from jobs.models import Job, JobEvent, utcnow
 from jobs.spec import JobSpec
 from jobs.states import FailureReason, State, check_transition
 
@@ -35,7 +35,22 @@ def create_job(session: Session, spec: JobSpec) -> Job:
     )
     session.add(job)
     session.flush()
+    add_event(session, job.id, "state", {"state": State.queued.value, "attempt": 0})
     return job
+
+
+def add_event(session: Session, job_id: str, kind: str, data: dict[str, Any]) -> None:
+    session.add(JobEvent(job_id=job_id, kind=kind, data=data))
+
+
+def events_after(session: Session, job_id: str, after: int, limit: int = 500) -> list[JobEvent]:
+    q = (
+        select(JobEvent)
+        .where(JobEvent.job_id == job_id, JobEvent.id > after)
+        .order_by(JobEvent.id)
+        .limit(limit)
+    )
+    return list(session.scalars(q))
 
 
 def job_spec(job: Job) -> JobSpec:
@@ -62,7 +77,14 @@ def _fenced(
         .where(Job.id == job_id, Job.state == src.value, Job.attempt == seen_attempt)
         .values(state=dst.value, updated_at=utcnow(), **values)
     )
-    return res.rowcount == 1
+    if res.rowcount != 1:
+        return False
+    event = {"state": dst.value, "attempt": values.get("attempt", seen_attempt)}
+    for key in ("failure_reason", "failure_message"):
+        if key in values:
+            event[key.removeprefix("failure_")] = values[key]
+    add_event(session, job_id, "state", event)
+    return True
 
 
 def claim(session: Session, job_id: str, worker: str) -> int | None:
@@ -89,7 +111,14 @@ def claim(session: Session, job_id: str, worker: str) -> int | None:
 
 
 def record_progress(
-    session: Session, job_id: str, attempt: int, phase: str, done: int, total: int, message: str
+    session: Session,
+    job_id: str,
+    attempt: int,
+    phase: str,
+    done: int,
+    total: int,
+    message: str,
+    eta_s: float | None = None,
 ) -> bool:
     res = session.execute(
         update(Job)
@@ -102,7 +131,13 @@ def record_progress(
             updated_at=utcnow(),
         )
     )
-    return res.rowcount == 1
+    if res.rowcount != 1:
+        return False
+    event = {"phase": phase, "done": done, "total": total, "message": message}
+    if eta_s is not None:
+        event["eta_s"] = round(eta_s, 1)
+    add_event(session, job_id, "progress", event)
+    return True
 
 
 def _finish(session: Session, job_id: str, attempt: int, dst: State, **values: Any) -> bool:

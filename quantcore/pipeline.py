@@ -63,6 +63,7 @@ class Progress:
     done: int
     total: int
     message: str
+    milestone: bool = False  # a layer finished: worth recording even when updates are throttled
 
 
 @dataclass
@@ -178,6 +179,7 @@ def run(
                 e.num_layers,
                 f"layer {e.layer}/{e.num_layers} done: output error "
                 f"{e.output_error:.2e} ({e.seconds:.2f}s)",
+                milestone=True,
             )
         )
 

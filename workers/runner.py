@@ -56,16 +56,22 @@ def run_job(settings: Settings, job_id: str, worker: str) -> str:
         return "not claimable (already taken, finished or unknown)"
 
     last_write = 0.0
+    phase_started: dict[str, float] = {}
 
     def on_progress(p) -> None:
         nonlocal last_write
         now = time.monotonic()
-        # Layer ends and phase starts always land; a stream of module events is throttled.
-        if p.done < p.total and p.done != 0 and now - last_write < settings.progress_interval_s:
+        started = phase_started.setdefault(p.phase, now)
+        # Phase starts and ends and finished layers always land; the rest is throttled.
+        important = p.milestone or p.done in (0, p.total)
+        if not important and now - last_write < settings.progress_interval_s:
             return
         last_write = now
+        eta = (now - started) / p.done * (p.total - p.done) if 0 < p.done <= p.total else None
         with session_scope(url) as s:
-            lifecycle.record_progress(s, job_id, attempt, p.phase, p.done, p.total, p.message)
+            lifecycle.record_progress(
+                s, job_id, attempt, p.phase, p.done, p.total, p.message, eta_s=eta
+            )
 
     last_check = 0.0
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import time
 from pathlib import Path
 
@@ -97,3 +98,43 @@ def test_cancel_mid_run_stops_within_a_step(stack):
     assert httpx.post(f"{stack.url}/v1/jobs/nope/cancel", timeout=10).status_code == 404
     # The worker is free again: the next job runs to the end.
     assert stack.wait(stack.submit(spec())["id"])["state"] == "succeeded"
+
+
+def _read_sse(url: str, headers: dict | None = None, timeout: float = 240) -> list[dict]:
+    events, current = [], {}
+    with httpx.stream("GET", url, headers=headers or {}, timeout=timeout) as r:
+        assert r.status_code == 200
+        assert r.headers["content-type"].startswith("text/event-stream")
+        for line in r.iter_lines():
+            if line.startswith("id: "):
+                current["id"] = int(line[4:])
+            elif line.startswith("event: "):
+                current["event"] = line[7:]
+            elif line.startswith("data: "):
+                current["data"] = json.loads(line[6:])
+            elif line == "" and current:
+                events.append(current)
+                current = {}
+    return events
+
+
+def test_events_stream_live_and_resume(stack):
+    created = stack.submit(spec())
+    url = f"{stack.url}/v1/jobs/{created['id']}/events"
+    events = _read_sse(url)  # live: the stream ends by itself after the final state
+    states = [e["data"]["state"] for e in events if e["event"] == "state"]
+    assert states == ["queued", "running", "succeeded"]
+    ids = [e["id"] for e in events]
+    assert ids == sorted(ids) and len(set(ids)) == len(ids)
+    layers = [
+        e["data"] for e in events if e["event"] == "progress" and e["data"]["phase"] == "quantize"
+    ]
+    assert [(p["done"], p["total"]) for p in layers if "done:" in p["message"]] == [(1, 2), (2, 2)]
+    assert any("eta_s" in e["data"] for e in events if e["event"] == "progress")
+
+    # Resuming after an event replays only what came after it.
+    middle = ids[len(ids) // 2]
+    resumed = _read_sse(url, headers={"Last-Event-ID": str(middle)})
+    assert [e["id"] for e in resumed] == [i for i in ids if i > middle]
+    assert httpx.get(url, headers={"Last-Event-ID": "x"}, timeout=10).status_code == 422
+    assert httpx.get(f"{stack.url}/v1/jobs/nope/events", timeout=10).status_code == 404

@@ -100,3 +100,14 @@ def test_cancel_queued_running_and_finished(url):
         # The run finished before it saw the cancel: the result stands.
         assert lifecycle.succeed(s, late, 1, {"ppl_quant": 1.0})
         assert s.get(Job, late).state == "succeeded"
+
+
+def test_migrations_match_models_on_sqlite(url):
+    from alembic import command
+
+    from jobs.db import alembic_config, downgrade
+
+    command.check(alembic_config(url))
+    downgrade(url, "base")
+    upgrade(url)
+    command.check(alembic_config(url))
