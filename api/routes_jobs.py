@@ -10,14 +10,15 @@ from typing import Annotated
 
 from fastapi import APIRouter, Header, HTTPException, Query, Request, Response
 from fastapi.responses import StreamingResponse
+from sqlalchemy import select
 
 from api.deps import SessionDep, SettingsDep
 from api.schemas import JobOut, JobPage
 from jobs import lifecycle
-from jobs.models import Job
-from jobs.queue import enqueue
+from jobs.dispatch import send_entry
+from jobs.models import Job, OutboxEntry
 from jobs.spec import JobSpec
-from jobs.states import TERMINAL, FailureReason, State
+from jobs.states import TERMINAL, State
 
 log = logging.getLogger(__name__)
 router = APIRouter(prefix="/v1/jobs", tags=["jobs"])
@@ -27,21 +28,31 @@ router = APIRouter(prefix="/v1/jobs", tags=["jobs"])
 def create_job(
     spec: JobSpec, session: SessionDep, settings: SettingsDep, response: Response
 ) -> JobOut:
-    job = lifecycle.create_job(session, spec)
+    job = lifecycle.create_job(session, spec, settings.queue, settings.max_attempts)
     session.commit()
+    # Fast path: hand it to the broker now. If that fails the job is still safe in the outbox
+    # and the dispatcher sends it.
+    entry = session.scalars(select(OutboxEntry).where(OutboxEntry.job_id == job.id)).first()
     try:
-        enqueue(settings, job.id)
-    except Exception as e:  # broker down: the job must not sit queued forever
-        log.exception("could not enqueue job %s", job.id)
-        lifecycle.fail_unstarted(
-            session,
-            job.id,
-            FailureReason.internal,
-            f"the job was stored but the broker could not be reached: {e}",
-        )
+        send_entry(session, settings, entry)
         session.commit()
-        raise HTTPException(503, f"broker unreachable, job {job.id} not started: {e}") from e
+    except Exception:
+        session.rollback()
+        log.warning("broker unreachable; job %s waits in the outbox", job.id, exc_info=True)
     response.headers["Location"] = f"/v1/jobs/{job.id}"
+    return JobOut.of(job)
+
+
+@router.post("/{job_id}/retry", status_code=202, response_model=JobOut)
+def retry_job(job_id: str, session: SessionDep, settings: SettingsDep) -> JobOut:
+    """A new attempt of a failed or cancelled job (it keeps its id, events and spec)."""
+    try:
+        job = lifecycle.request_retry(session, job_id, settings.max_attempts)
+    except KeyError:
+        raise HTTPException(404, f"no job with id {job_id}") from None
+    except lifecycle.CancelRefused as e:
+        raise HTTPException(409, str(e)) from e
+    session.commit()
     return JobOut.of(job)
 
 

@@ -28,6 +28,8 @@ class JobOut(BaseModel):
     id: str
     state: str
     attempt: int
+    max_attempts: int
+    worker: str | None
     spec: JobSpec
     progress: ProgressOut
     failure: FailureOut | None
@@ -46,6 +48,8 @@ class JobOut(BaseModel):
             id=job.id,
             state=job.state,
             attempt=job.attempt,
+            max_attempts=job.max_attempts,
+            worker=job.worker,
             spec=lifecycle.job_spec(job),
             progress=ProgressOut(
                 phase=job.phase,

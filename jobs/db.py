@@ -4,7 +4,6 @@ from __future__ import annotations
 
 from collections.abc import Iterator
 from contextlib import contextmanager
-from functools import lru_cache
 from pathlib import Path
 
 from sqlalchemy import Engine, create_engine, event
@@ -33,9 +32,22 @@ def make_engine(url: str) -> Engine:
     return create_engine(url, pool_pre_ping=True)
 
 
-@lru_cache(maxsize=8)
+_engines: dict[str, Engine] = {}
+
+
 def engine_for(url: str) -> Engine:
-    return make_engine(url)
+    """One engine (connection pool) per URL and process."""
+    if url not in _engines:
+        _engines[url] = make_engine(url)
+    return _engines[url]
+
+
+def forget_inherited_connections() -> None:
+    """In a forked child: leave the parent's pooled connections to the parent (sharing one
+    connection between processes corrupts its state) and start new pools."""
+    for engine in _engines.values():
+        engine.dispose(close=False)
+    _engines.clear()
 
 
 def session_factory(url: str) -> sessionmaker[Session]:

@@ -8,18 +8,21 @@ from __future__ import annotations
 
 import base64
 import json
-from datetime import datetime
+from datetime import datetime, timedelta
 from typing import Any
 
 from sqlalchemy import and_, or_, select, update
 from sqlalchemy.orm import Session
 
-from jobs.models import Job, JobEvent, utcnow
+from jobs.models import Job, JobEvent, OutboxEntry, utcnow
 from jobs.spec import JobSpec
 from jobs.states import FailureReason, State, check_transition
 
 
-def create_job(session: Session, spec: JobSpec) -> Job:
+def create_job(
+    session: Session, spec: JobSpec, queue: str = "gpu-default", max_attempts: int = 3
+) -> Job:
+    """The job row, its first event and its outbox entry, in the caller's transaction."""
     job = Job(
         model_id=spec.model_id,
         revision=spec.revision,
@@ -32,10 +35,13 @@ def create_job(session: Session, spec: JobSpec) -> Job:
         method_options=spec.method_options() or None,
         state=State.queued.value,
         attempt=0,
+        max_attempts=max_attempts,
+        queue=queue,
     )
     session.add(job)
     session.flush()
     add_event(session, job.id, "state", {"state": State.queued.value, "attempt": 0})
+    session.add(OutboxEntry(job_id=job.id, queue=queue))
     return job
 
 
@@ -87,7 +93,7 @@ def _fenced(
     return True
 
 
-def claim(session: Session, job_id: str, worker: str) -> int | None:
+def claim(session: Session, job_id: str, worker: str, lease_s: float = 120.0) -> int | None:
     """Move a queued job to running; returns the attempt number claimed, or None when the job
     is not claimable (already running elsewhere, finished, cancelled, unknown)."""
     job = session.get(Job, job_id)
@@ -106,8 +112,23 @@ def claim(session: Session, job_id: str, worker: str) -> int | None:
         phase="starting",
         progress_done=0,
         progress_total=0,
+        lease_expires_at=utcnow() + timedelta(seconds=lease_s),
     )
     return seen + 1 if ok else None
+
+
+def heartbeat(session: Session, job_id: str, attempt: int, lease_s: float) -> bool:
+    """Renew the lease of the attempt that holds the job; false when it no longer does."""
+    res = session.execute(
+        update(Job)
+        .where(
+            Job.id == job_id,
+            Job.attempt == attempt,
+            Job.state.in_([State.running.value, State.cancelling.value]),
+        )
+        .values(lease_expires_at=utcnow() + timedelta(seconds=lease_s))
+    )
+    return res.rowcount == 1
 
 
 def record_progress(
@@ -149,7 +170,15 @@ def _finish(session: Session, job_id: str, attempt: int, dst: State, **values: A
 
 
 def succeed(session: Session, job_id: str, attempt: int, results: dict[str, Any]) -> bool:
-    return _finish(session, job_id, attempt, State.succeeded, results=results, phase="done")
+    return _finish(
+        session,
+        job_id,
+        attempt,
+        State.succeeded,
+        results=results,
+        phase="done",
+        lease_expires_at=None,
+    )
 
 
 def fail(session: Session, job_id: str, attempt: int, reason: FailureReason, message: str) -> bool:
@@ -160,6 +189,7 @@ def fail(session: Session, job_id: str, attempt: int, reason: FailureReason, mes
         State.failed,
         failure_reason=reason.value,
         failure_message=message,
+        lease_expires_at=None,
     )
 
 
@@ -212,21 +242,109 @@ def finish_cancelled(session: Session, job_id: str, attempt: int) -> bool:
         State.cancelled,
         finished_at=utcnow(),
         phase="cancelled",
+        lease_expires_at=None,
     )
 
 
-def fail_unstarted(session: Session, job_id: str, reason: FailureReason, message: str) -> bool:
-    """Fail a job no worker has claimed yet (e.g. it could not be handed to the broker)."""
-    return _fenced(
+def request_retry(session: Session, job_id: str, budget: int) -> Job:
+    """A new attempt of a failed or cancelled job, with `budget` more attempts."""
+    job = session.get(Job, job_id)
+    if job is None:
+        raise KeyError(job_id)
+    state = State(job.state)
+    if state not in (State.failed, State.cancelled):
+        raise CancelRefused(f"job {job_id} is {state.value}; only failed or cancelled jobs retry")
+    ok = _fenced(
         session,
         job_id,
+        state,
+        job.attempt,
         State.queued,
-        0,
-        State.failed,
-        failure_reason=reason.value,
-        failure_message=message,
-        finished_at=utcnow(),
+        failure_reason=None,
+        failure_message=None,
+        results=None,
+        finished_at=None,
+        phase=None,
+        progress_done=0,
+        progress_total=0,
+        progress_message="retry requested",
+        max_attempts=job.attempt + budget,
     )
+    if not ok:
+        raise CancelRefused(f"job {job_id} changed state while retrying; retry")
+    session.add(OutboxEntry(job_id=job_id, queue=job.queue))
+    session.flush()
+    session.refresh(job)
+    return job
+
+
+def reap_expired(session: Session, now: datetime | None = None) -> list[tuple[str, str]]:
+    """Take back jobs whose worker stopped renewing its lease: another attempt while attempts
+    remain, else failed(worker_lost); a job being cancelled is simply cancelled."""
+    now = now or utcnow()
+    expired = session.scalars(
+        select(Job).where(
+            Job.state.in_([State.running.value, State.cancelling.value]),
+            Job.lease_expires_at < now,
+        )
+    ).all()
+    actions = []
+    for job in expired:
+        src, attempt = State(job.state), job.attempt
+        if src == State.cancelling:
+            if _fenced(
+                session,
+                job.id,
+                src,
+                attempt,
+                State.cancelled,
+                finished_at=now,
+                lease_expires_at=None,
+            ):
+                actions.append((job.id, "cancelled"))
+        elif attempt < job.max_attempts:
+            if _fenced(session, job.id, src, attempt, State.retrying, lease_expires_at=None):
+                _fenced(
+                    session,
+                    job.id,
+                    State.retrying,
+                    attempt,
+                    State.queued,
+                    progress_message=f"attempt {attempt} lost its worker; retrying",
+                )
+                session.add(OutboxEntry(job_id=job.id, queue=job.queue))
+                actions.append((job.id, "retrying"))
+        elif _fenced(
+            session,
+            job.id,
+            src,
+            attempt,
+            State.failed,
+            finished_at=now,
+            lease_expires_at=None,
+            failure_reason=FailureReason.worker_lost.value,
+            failure_message=f"the worker running attempt {attempt} of {job.max_attempts} "
+            "stopped renewing its lease (killed, out of memory, or its machine went away); "
+            "no attempts are left: look at the worker logs, then retry the job",
+        ):
+            actions.append((job.id, "failed"))
+    return actions
+
+
+def requeue_unclaimed(session: Session, older_than: datetime) -> list[str]:
+    """Queued jobs whose last hand-off to the broker is older than `older_than` and that no
+    worker took (a lost message): hand them over again."""
+    latest = (
+        select(OutboxEntry.job_id)
+        .where(or_(OutboxEntry.sent_at.is_(None), OutboxEntry.sent_at >= older_than))
+        .scalar_subquery()
+    )
+    stale = session.scalars(
+        select(Job).where(Job.state == State.queued.value, Job.id.not_in(latest))
+    ).all()
+    for job in stale:
+        session.add(OutboxEntry(job_id=job.id, queue=job.queue))
+    return [j.id for j in stale]
 
 
 # Cursor pagination over (created_at, id), newest first: stable under concurrent inserts.

@@ -48,7 +48,11 @@ class Job(Base):
     progress_total: Mapped[int] = mapped_column(Integer, default=0)
     progress_message: Mapped[str | None] = mapped_column(Text)
     attempt: Mapped[int] = mapped_column(Integer, default=0)
+    max_attempts: Mapped[int] = mapped_column(Integer, default=3)
+    queue: Mapped[str] = mapped_column(String(64), default="gpu-default")
     worker: Mapped[str | None] = mapped_column(String(200))
+    # The running attempt owns the job until then; its worker renews it (heartbeat).
+    lease_expires_at: Mapped[datetime | None]
 
     failure_reason: Mapped[str | None] = mapped_column(String(32))
     failure_message: Mapped[str | None] = mapped_column(Text)
@@ -57,6 +61,7 @@ class Job(Base):
     __table_args__ = (
         Index("ix_jobs_created_at_id", "created_at", "id"),
         Index("ix_jobs_state", "state"),
+        Index("ix_jobs_state_lease", "state", "lease_expires_at"),
     )
 
 
@@ -76,3 +81,20 @@ class JobEvent(Base):
     data: Mapped[dict[str, Any]]
 
     __table_args__ = (Index("ix_job_events_job_id_id", "job_id", "id"),)
+
+
+class OutboxEntry(Base):
+    """A job waiting to be handed to the broker, written in the job's own transaction so that
+    a crash between commit and enqueue loses nothing: the dispatcher sends what is unsent."""
+
+    __tablename__ = "outbox"
+
+    id: Mapped[int] = mapped_column(
+        BigInteger().with_variant(Integer, "sqlite"), primary_key=True, autoincrement=True
+    )
+    job_id: Mapped[str] = mapped_column(String(32), ForeignKey("jobs.id", ondelete="CASCADE"))
+    queue: Mapped[str] = mapped_column(String(64))
+    created_at: Mapped[datetime] = mapped_column(default=utcnow)
+    sent_at: Mapped[datetime | None]
+
+    __table_args__ = (Index("ix_outbox_sent_at", "sent_at"),)

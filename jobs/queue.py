@@ -36,7 +36,6 @@ def _client(broker_url: str, queue: str) -> Celery:
     return app
 
 
-def enqueue(settings: Settings, job_id: str) -> None:
-    _client(settings.broker_url, settings.queue).send_task(
-        RUN_JOB_TASK, args=[job_id], queue=settings.queue
-    )
+def enqueue(settings: Settings, job_id: str, queue: str | None = None) -> None:
+    queue = queue or settings.queue
+    _client(settings.broker_url, queue).send_task(RUN_JOB_TASK, args=[job_id], queue=queue)

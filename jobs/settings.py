@@ -25,6 +25,18 @@ class Settings(BaseSettings):
     artifact_dir: Path | None = Field(default=None, description="Local artifact sink directory.")
     queue: str = Field(default="gpu-default", description="Celery queue jobs are sent to.")
     device: str = Field(default="auto", description="Compute device for workers: auto|cpu|cuda.")
+    lease_s: float = Field(
+        default=120.0,
+        description="A running job whose worker has not renewed it for this long "
+        "is taken back by the reaper.",
+    )
+    max_attempts: int = Field(default=3, ge=1, description="Attempts before worker_lost.")
+    dispatch_interval_s: float = Field(
+        default=1.0, description="How often the dispatcher sends the outbox and reaps leases."
+    )
+    redispatch_after_s: float = Field(
+        default=300.0, description="A job still queued this long after it was sent is sent again."
+    )
     cancel_poll_s: float = Field(
         default=1.0, description="Least seconds between two cancellation checks of a worker."
     )

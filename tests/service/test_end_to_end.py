@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import json
+import os
+import signal
 import time
 from pathlib import Path
 
@@ -138,3 +140,28 @@ def test_events_stream_live_and_resume(stack):
     assert [e["id"] for e in resumed] == [i for i in ids if i > middle]
     assert httpx.get(url, headers={"Last-Event-ID": "x"}, timeout=10).status_code == 422
     assert httpx.get(f"{stack.url}/v1/jobs/nope/events", timeout=10).status_code == 404
+
+
+def test_worker_killed_mid_job_finishes_on_next_attempt(stack):
+    created = stack.submit(spec(evaluation={"seq_len": 32, "max_windows": 1500}))
+    deadline = time.monotonic() + 60
+    while time.monotonic() < deadline:
+        job = httpx.get(f"{stack.url}/v1/jobs/{created['id']}", timeout=10).json()
+        if job["state"] == "running" and job["progress"]["phase"] == "evaluate_base":
+            break
+        time.sleep(0.1)
+    else:
+        raise AssertionError(f"job never started evaluating: {job}")
+    pid = int(job["worker"].rsplit(":", 1)[1])
+    os.kill(pid, signal.SIGKILL)  # the process running the job, mid-evaluation
+
+    job = stack.wait(created["id"], timeout=240)
+    assert job["state"] == "succeeded", (job, stack.log("worker"), stack.log("dispatcher"))
+    assert job["attempt"] == 2
+    assert int(job["worker"].rsplit(":", 1)[1]) != pid
+    events = _read_sse(f"{stack.url}/v1/jobs/{created['id']}/events")
+    states = [e["data"]["state"] for e in events if e["event"] == "state"]
+    assert states == ["queued", "running", "retrying", "queued", "running", "succeeded"]
+    # One artifact, written once, by the attempt that finished.
+    artifacts = Path(job["results"]["artifact_path"]).parent
+    assert [p.name for p in artifacts.iterdir()] == [created["id"]]

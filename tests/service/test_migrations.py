@@ -22,7 +22,7 @@ def _tables(url: str) -> set[str]:
 def test_up_down_up_and_no_drift(postgres_url):
     upgrade(postgres_url)
     check_migrated(postgres_url)
-    assert _tables(postgres_url) == {"jobs", "job_events"}
+    assert _tables(postgres_url) == {"jobs", "job_events", "outbox"}
     downgrade(postgres_url, "base")
     assert _tables(postgres_url) == set()
     upgrade(postgres_url)

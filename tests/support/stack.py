@@ -52,6 +52,7 @@ class Stack:
         self.url = f"http://127.0.0.1:{port}"
         api = self.spawn("api", "serve", "--port", str(port))
         self.spawn("worker", "worker", "--loglevel", "INFO")
+        self.spawn("dispatcher", "dispatcher")
         deadline = time.monotonic() + 60
         while time.monotonic() < deadline:
             if api.poll() is not None:
@@ -106,6 +107,10 @@ def base_env(home: Path, hub_cache: Path, **settings: str) -> dict[str, str]:
         HF_HUB_OFFLINE="1",
         TOKENIZERS_PARALLELISM="false",
         PYTHONUNBUFFERED="1",
+        # Short leases and a brisk dispatcher, so that lost workers are noticed in seconds.
+        QF_LEASE_S="4",
+        QF_DISPATCH_INTERVAL_S="0.3",
+        QF_CANCEL_POLL_S="0.3",
         **{f"QF_{k.upper()}": v for k, v in settings.items()},
     )
     return env

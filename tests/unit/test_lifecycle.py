@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import pytest
+from sqlalchemy import select
 
 from jobs import lifecycle
 from jobs.db import session_scope, upgrade
@@ -29,7 +30,7 @@ def test_transition_table():
     for src, dst in [
         (State.succeeded, State.running),
         (State.queued, State.succeeded),
-        (State.cancelled, State.queued),
+        (State.cancelled, State.running),
     ]:
         with pytest.raises(TransitionError, match=f"from {src.value} to {dst.value}"):
             check_transition(src, dst)
@@ -111,3 +112,58 @@ def test_migrations_match_models_on_sqlite(url):
     downgrade(url, "base")
     upgrade(url)
     command.check(alembic_config(url))
+
+
+def test_reaper_retries_then_fails_worker_lost(url):
+    from datetime import timedelta
+
+    from jobs.models import OutboxEntry, utcnow
+
+    with session_scope(url) as s:
+        job_id = lifecycle.create_job(s, JobSpec(model_id="a/b"), max_attempts=2).id
+    later = utcnow() + timedelta(seconds=10)
+    for attempt in (1, 2):
+        with session_scope(url) as s:
+            assert lifecycle.claim(s, job_id, f"w{attempt}", lease_s=1) == attempt
+            assert lifecycle.reap_expired(s) == []  # lease still valid
+        with session_scope(url) as s:
+            action = "retrying" if attempt == 1 else "failed"
+            assert lifecycle.reap_expired(s, now=later) == [(job_id, action)]
+    with session_scope(url) as s:
+        job = s.get(Job, job_id)
+        assert (job.state, job.failure_reason, job.attempt) == ("failed", "worker_lost", 2)
+        assert "2 of 2" in job.failure_message
+        # One outbox entry from creation, one from the retry.
+        assert len(s.scalars(select(OutboxEntry).where(OutboxEntry.job_id == job_id)).all()) == 2
+        # A person retries it: a new attempt with a fresh budget.
+        job = lifecycle.request_retry(s, job_id, budget=3)
+        assert (job.state, job.failure_reason, job.max_attempts) == ("queued", None, 5)
+        assert lifecycle.claim(s, job_id, "w3") == 3
+
+
+def test_heartbeat_keeps_the_lease(url):
+    from datetime import timedelta
+
+    from jobs.models import utcnow
+
+    job_id = _new(url)
+    with session_scope(url) as s:
+        lifecycle.claim(s, job_id, "w", lease_s=1)
+        assert lifecycle.heartbeat(s, job_id, 1, lease_s=60)
+        assert not lifecycle.heartbeat(s, job_id, 2, lease_s=60)  # not the holder
+        assert lifecycle.reap_expired(s, now=utcnow() + timedelta(seconds=30)) == []
+
+
+def test_requeue_unclaimed_sends_again(url):
+    from datetime import timedelta
+
+    from jobs.models import OutboxEntry, utcnow
+
+    job_id = _new(url)
+    with session_scope(url) as s:
+        for e in s.scalars(select(OutboxEntry)).all():
+            e.sent_at = utcnow() - timedelta(hours=1)
+    with session_scope(url) as s:
+        assert lifecycle.requeue_unclaimed(s, utcnow() - timedelta(minutes=5)) == [job_id]
+    with session_scope(url) as s:  # the new entry is unsent: nothing more to add
+        assert lifecycle.requeue_unclaimed(s, utcnow() - timedelta(minutes=5)) == []

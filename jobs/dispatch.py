@@ -1,0 +1,75 @@
+"""The dispatcher: hands outbox entries to the broker and reaps expired leases.
+
+Sending is at-least-once: an entry is marked sent only after the broker took it, so a crash
+in between sends it again, and the worker's fenced claim turns the duplicate into a no-op.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+from collections.abc import Callable
+from datetime import timedelta
+
+from sqlalchemy import select
+from sqlalchemy.orm import Session, sessionmaker
+
+from jobs import lifecycle
+from jobs.models import OutboxEntry, utcnow
+from jobs.queue import enqueue
+from jobs.settings import Settings
+
+log = logging.getLogger(__name__)
+Send = Callable[[Settings, str, str], None]
+
+
+def send_entry(session: Session, settings: Settings, entry: OutboxEntry, send: Send = enqueue):
+    """Send one entry and mark it sent (the caller commits). Raises when the broker is down."""
+    send(settings, entry.job_id, entry.queue)
+    entry.sent_at = utcnow()
+
+
+def send_pending(factory: sessionmaker, settings: Settings, send: Send = enqueue) -> int:
+    """Send every unsent entry, oldest first; stops at the first broker error."""
+    sent = 0
+    with factory() as session:
+        entries = session.scalars(
+            select(OutboxEntry).where(OutboxEntry.sent_at.is_(None)).order_by(OutboxEntry.id)
+        ).all()
+        for entry in entries:
+            try:
+                send_entry(session, settings, entry, send)
+            except Exception:
+                log.exception("broker unreachable; %d entries wait", len(entries) - sent)
+                break
+            session.commit()
+            sent += 1
+    return sent
+
+
+def tick(factory: sessionmaker, settings: Settings, send: Send = enqueue) -> dict[str, int]:
+    """One round: reap expired leases, re-queue lost messages, send the outbox."""
+    with factory() as session, session.begin():
+        reaped = lifecycle.reap_expired(session)
+        requeued = lifecycle.requeue_unclaimed(
+            session, utcnow() - timedelta(seconds=settings.redispatch_after_s)
+        )
+    for job_id, action in reaped:
+        log.warning("job %s: lease expired, %s", job_id, action)
+    for job_id in requeued:
+        log.warning("job %s: queued but never taken; sending again", job_id)
+    return {
+        "reaped": len(reaped),
+        "requeued": len(requeued),
+        "sent": send_pending(factory, settings, send),
+    }
+
+
+def run(factory: sessionmaker, settings: Settings, stop: threading.Event) -> None:
+    log.info("dispatcher running every %.1fs", settings.dispatch_interval_s)
+    while not stop.is_set():
+        try:
+            tick(factory, settings)
+        except Exception:  # the database may be restarting: keep going
+            log.exception("dispatcher round failed")
+        stop.wait(settings.dispatch_interval_s)
