@@ -25,7 +25,7 @@ SCHEMES = {
     "w3g64a": (3, 64, False),
     "w8pcs": (8, -1, True),
 }
-METHODS = ("rtn", "gptq")
+METHODS = ("rtn", "gptq", "awq")
 DEFAULT = [f"{m}-{s}" for s in SCHEMES for m in METHODS]
 
 
@@ -37,6 +37,7 @@ def run_one(config: str, samples: int, windows: int, seq_len: int) -> dict:
     from quantcore.data.datasets import calibration_samples, evaluation_tokens
     from quantcore.eval.agreement import agreement
     from quantcore.eval.perplexity import perplexity
+    from quantcore.methods.awq_method import AWQ
     from quantcore.methods.base import QuantScheme, SchemeMap
     from quantcore.methods.gptq_method import GPTQ
     from quantcore.methods.rtn_method import RTN
@@ -52,7 +53,7 @@ def run_one(config: str, samples: int, windows: int, seq_len: int) -> dict:
     base = perplexity(model, tokens, seq_len, windows)
     cal = calibration_samples(tok, "wiki-excerpt", samples, seq_len, seed=0)
     quant = copy.deepcopy(model)
-    impl = {"rtn": RTN, "gptq": lambda: GPTQ(act_order=True)}[method]()
+    impl = {"rtn": RTN, "gptq": lambda: GPTQ(act_order=True), "awq": AWQ}[method]()
     t0 = time.perf_counter()
     quantize_model(quant, cal, impl, SchemeMap(QuantScheme(bits, group, sym)))
     seconds = time.perf_counter() - t0

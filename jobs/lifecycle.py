@@ -70,6 +70,7 @@ def job_spec(job: Job) -> JobSpec:
         calibration=job.calibration,
         evaluation=job.evaluation,
         gptq=job.method_options if job.method == "gptq" else None,
+        awq=job.method_options if job.method == "awq" else None,
     )
 
 

@@ -11,10 +11,11 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, field_validat
 class Method(StrEnum):
     rtn = "rtn"
     gptq = "gptq"
+    awq = "awq"
 
 
 # Bit widths with a packed layout and a kernel path (see kernels/packing.py).
-METHOD_BITS: dict[Method, tuple[int, ...]] = {Method.rtn: (2, 3, 4, 8), Method.gptq: (2, 3, 4, 8)}
+METHOD_BITS: dict[Method, tuple[int, ...]] = {m: (2, 3, 4, 8) for m in Method}
 GROUP_SIZES = (-1, 32, 64, 128, 256)
 CALIBRATION_DATASETS = ("wiki-excerpt",)
 
@@ -62,6 +63,15 @@ class GPTQOptions(BaseModel):
     true_sequential: bool = True
 
 
+class AWQOptions(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    grid: int = Field(default=20, ge=1, le=100, description="Scale exponents tried in [0, 1].")
+    clip: bool = Field(default=True, description="Search a clipped range per group.")
+    clip_grid: int = Field(default=20, ge=1, le=100)
+    max_shrink: float = Field(default=0.5, gt=0, lt=1, description="Most a range may shrink.")
+
+
 class JobSpec(BaseModel):
     model_config = ConfigDict(
         extra="forbid",
@@ -94,6 +104,7 @@ class JobSpec(BaseModel):
     calibration: CalibrationSpec = Field(default_factory=CalibrationSpec)
     evaluation: EvaluationSpec = Field(default_factory=EvaluationSpec)
     gptq: GPTQOptions | None = Field(default=None, description="Options when method is gptq.")
+    awq: AWQOptions | None = Field(default=None, description="Options when method is awq.")
 
     @field_validator("model_id")
     @classmethod
@@ -117,18 +128,22 @@ class JobSpec(BaseModel):
             )
         return v
 
-    @field_validator("gptq")
+    @field_validator("gptq", "awq")
     @classmethod
-    def _gptq_only_for_gptq(cls, v: GPTQOptions | None, info: ValidationInfo):
+    def _options_for_their_method(cls, v: BaseModel | None, info: ValidationInfo):
         method = info.data.get("method")
-        if v is not None and method and method != Method.gptq:
-            raise ValueError(f"GPTQ options were given but method is {method.value}")
+        if v is not None and method and method.value != info.field_name:
+            raise ValueError(
+                f"{info.field_name.upper()} options were given but method is {method.value}"
+            )
         return v
 
     def method_options(self) -> dict:
         """The chosen method's options with their defaults filled in."""
         if self.method == Method.gptq:
             return (self.gptq or GPTQOptions()).model_dump()
+        if self.method == Method.awq:
+            return (self.awq or AWQOptions()).model_dump()
         return {}
 
     @field_validator("group_size")

@@ -17,13 +17,14 @@ from quantcore.checkpoint import LayerCheckpoint
 from quantcore.data.datasets import BUILTIN, calibration_samples, evaluation_tokens
 from quantcore.errors import BadRequestError, CancelledError
 from quantcore.eval.perplexity import perplexity
+from quantcore.methods.awq_method import AWQ
 from quantcore.methods.base import LayerMethod, QuantScheme, SchemeMap
 from quantcore.methods.gptq_method import GPTQ
 from quantcore.methods.rtn_method import RTN
 from quantcore.models.loading import load_causal_lm
 from quantcore.walker import LayerEvent, ModuleEvent, quantize_model
 
-METHODS: dict[str, Callable[..., LayerMethod]] = {"rtn": RTN, "gptq": GPTQ}
+METHODS: dict[str, Callable[..., LayerMethod]] = {"rtn": RTN, "gptq": GPTQ, "awq": AWQ}
 
 
 @dataclass(frozen=True)

@@ -43,6 +43,8 @@ def client(tmp_path):
         ({"calibration": {"n_samples": 0}}, "calibration.n_samples", "greater than or equal"),
         ({"calibration": {"dataset": "pile"}}, "calibration.dataset", "unknown dataset"),
         ({"colour": "red"}, "colour", "Extra inputs"),
+        ({"awq": {"grid": 5}}, "awq", "AWQ options were given but method is rtn"),
+        ({"method": "gptq", "gptq": {"damp": 0}}, "gptq.damp", "greater than 0"),
     ],
 )
 def test_bad_spec_is_422_naming_the_field(client, change, field, words):

@@ -11,10 +11,21 @@ from quantcore.artifact import load_quantized, read_tensors
 from quantcore.pipeline import Calibration, Evaluation, QuantizeRequest, run
 
 
-@pytest.mark.parametrize(("bits", "group", "sym"), [(4, 32, False), (4, 32, True), (8, -1, True)])
-def test_transformers_loads_our_artifact(tiny_model_dir, tmp_path, bits, group, sym):
+@pytest.mark.parametrize(
+    ("method", "bits", "group", "sym"),
+    [
+        ("rtn", 4, 32, False),
+        ("rtn", 4, 32, True),
+        ("rtn", 8, -1, True),
+        ("gptq", 4, 32, True),
+        ("awq", 4, 32, False),
+    ],
+)
+def test_transformers_loads_our_artifact(tiny_model_dir, tmp_path, method, bits, group, sym):
+    # AWQ also rescales norms: the artifact must carry them, or the logits would differ.
     req = QuantizeRequest(
         model_id=str(tiny_model_dir),
+        method=method,
         bits=bits,
         group_size=group,
         symmetric=sym,

@@ -1,0 +1,170 @@
+"""AWQ's math (pure functions): activation-aware per-input-channel scales and weight clipping
+(Lin et al., 2023).
+
+A Linear computes X W^T = (X / s) (W * s)^T for any positive per-input-channel vector s, so
+scaling W's columns by s and folding 1/s into whatever produced X leaves the float model
+unchanged. Rounding W * s instead of W protects the channels that see large activations
+(their weights are scaled up, so their relative rounding error shrinks). The scales are
+s = mean|x|^alpha, with alpha chosen on a grid by the output error it gives after rounding.
+Clipping then shrinks each group's range where that lowers the group's output error.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+
+import torch
+
+from quantcore.methods.base import QuantScheme
+from quantcore.methods.rtn import group_params, quantize_rtn
+
+
+def accumulate_abs_mean(
+    total: torch.Tensor | None, n: int, x: torch.Tensor
+) -> tuple[torch.Tensor, int]:
+    """Fold a batch of inputs `x` [..., in] into a running per-channel sum of |x| (fp32);
+    the mean is total / n."""
+    x = x.reshape(-1, x.shape[-1]).float()
+    batch = x.abs().sum(dim=0)
+    return (batch if total is None else total + batch), n + x.shape[0]
+
+
+def awq_scales(x_mean: torch.Tensor, alpha: float) -> torch.Tensor:
+    """s = mean|x|^alpha per input channel, normalised so that sqrt(max(s) * min(s)) = 1.
+
+    Channels that never fire are treated as 1e-6 of the largest so that s stays positive.
+    """
+    x_mean = x_mean.float()
+    floor = max(float(x_mean.max()) * 1e-6, 1e-12)
+    s = x_mean.clamp_min(floor).pow(alpha)
+    return s / torch.sqrt(s.max() * s.min())
+
+
+def fake_quantize(
+    w: torch.Tensor, scheme: QuantScheme, scale_dtype: torch.dtype | None = None
+) -> torch.Tensor:
+    """Round `w` [out, in] with RTN under `scheme` and dequantize it (fp32): the values of
+    quantize_rtn(...).dequantize(), computed for all groups at once when they are whole."""
+    out_f, in_f = w.shape
+    gs = in_f if scheme.group_size == -1 else scheme.group_size
+    if gs <= 0 or in_f % gs:
+        qw = quantize_rtn(w, scheme.bits, scheme.group_size, scheme.symmetric, scale_dtype)
+        return qw.dequantize(torch.float32)
+    rows = w.float().reshape(out_f * (in_f // gs), gs)
+    deq = _round_trip(rows, scheme.bits, scheme.symmetric, scale_dtype or w.dtype)
+    return deq.reshape(out_f, in_f)
+
+
+@dataclass(frozen=True)
+class ScaleSearch:
+    alpha: float
+    scales: torch.Tensor  # [in], fp32
+    losses: tuple[float, ...]  # one per grid point, in grid order
+    alphas: tuple[float, ...]
+
+
+def alpha_grid(n: int) -> tuple[float, ...]:
+    """`n` evenly spaced alphas from 0 (plain RTN) to 1."""
+    if n < 2:
+        raise ValueError(f"an alpha grid needs at least 2 points, got {n}")
+    return tuple(i / (n - 1) for i in range(n))
+
+
+def search_scales(
+    x_mean: torch.Tensor,
+    weights: Sequence[torch.Tensor],
+    schemes: Sequence[QuantScheme | None],
+    loss: Callable[[list[torch.Tensor]], float],
+    grid: int = 20,
+    scale_dtype: torch.dtype | None = None,
+) -> ScaleSearch:
+    """Choose alpha for a group of weights [out_i, in] that read one input with per-channel
+    mean |x| `x_mean` [in].
+
+    For each alpha, every weight with a scheme becomes Q(W * s) / s (the effective weight seen
+    by the unscaled input X once 1/s is folded into X's producer); weights with scheme None
+    stay as they are. `loss(effective_weights)` measures the output error of whatever module
+    the caller inspects. alpha = 0 (s = 1) is plain RTN; the first minimum wins.
+    """
+    alphas = alpha_grid(grid)
+    losses: list[float] = []
+    best = (float("inf"), 0.0)
+    for alpha in alphas:
+        s = awq_scales(x_mean, alpha).to(weights[0].device)
+        candidates = []
+        for w, scheme in zip(weights, schemes, strict=True):
+            if scheme is None:
+                candidates.append(w.float())
+            else:
+                candidates.append(fake_quantize(w.float() * s, scheme, scale_dtype) / s)
+        value = float(loss(candidates))
+        losses.append(value)
+        if value < best[0]:
+            best = (value, alpha)
+    alpha = best[1]
+    return ScaleSearch(alpha, awq_scales(x_mean, alpha), tuple(losses), alphas)
+
+
+def _group_slices(in_features: int, group_size: int) -> list[slice]:
+    gs = in_features if group_size == -1 else group_size
+    if gs <= 0:
+        raise ValueError(f"group_size must be positive or -1, got {group_size}")
+    return [slice(a, min(a + gs, in_features)) for a in range(0, in_features, gs)]
+
+
+def _round_trip(w: torch.Tensor, bits: int, symmetric: bool, scale_dtype) -> torch.Tensor:
+    """RTN of each row of `w` as one group, dequantized (the arithmetic of quantize_rtn)."""
+    maxq = (1 << bits) - 1
+    scale, zero = group_params(w, bits, symmetric, scale_dtype)
+    codes = (torch.round(w / scale[:, None]) + zero[:, None]).clamp(0, maxq)
+    return (codes - zero[:, None]) * scale[:, None]
+
+
+def clip_ranges(
+    w: torch.Tensor,
+    x: torch.Tensor,
+    scheme: QuantScheme,
+    grid: int = 20,
+    max_shrink: float = 0.5,
+    scale_dtype: torch.dtype | None = None,
+) -> torch.Tensor:
+    """The clipping bound m [out, n_groups] for each output channel and group of `w`
+    [out, in], given inputs `x` [tokens, in].
+
+    Candidates are m = max|w_group| * (1 - i / grid) for i < max_shrink * grid (i = 0: no
+    clipping). The group is clamped to [-m, m] and rounded, and the candidate minimising the
+    group's share of the output error, sum_t (x_t,g . (w_g - Q(clamp(w_g)))^2, wins (the first
+    on ties). Groups are chosen independently: cross terms between groups are ignored.
+    """
+    scale_dtype = scale_dtype or w.dtype
+    w = w.float()
+    x = x.reshape(-1, x.shape[-1]).float()
+    slices = _group_slices(w.shape[1], scheme.group_size)
+    bounds = torch.empty(w.shape[0], len(slices), device=w.device)
+    steps = max(int(max_shrink * grid), 1)
+    for g, cols in enumerate(slices):
+        wg, xg = w[:, cols], x[:, cols]
+        absmax = wg.abs().amax(dim=1)
+        best_err = torch.full_like(absmax, float("inf"))
+        best_m = absmax.clone()
+        for i in range(steps):
+            m = absmax * (1 - i / grid)
+            clipped = torch.maximum(torch.minimum(wg, m[:, None]), -m[:, None])
+            q = _round_trip(clipped, scheme.bits, scheme.symmetric, scale_dtype)
+            err = ((wg - q) @ xg.t()).pow(2).sum(dim=1)
+            better = err < best_err
+            best_err = torch.where(better, err, best_err)
+            best_m = torch.where(better, m, best_m)
+        bounds[:, g] = best_m
+    return bounds
+
+
+def clip_weight(w: torch.Tensor, bounds: torch.Tensor, group_size: int) -> torch.Tensor:
+    """Clamp each group of `w` [out, in] to [-m, m] with m = `bounds` [out, n_groups]; the
+    result, rounded with quantize_rtn, gets its scales from the clipped range."""
+    out = w.clone()
+    for g, cols in enumerate(_group_slices(w.shape[1], group_size)):
+        m = bounds[:, g : g + 1].to(w.dtype)
+        out[:, cols] = torch.maximum(torch.minimum(w[:, cols], m), -m)
+    return out

@@ -1,0 +1,392 @@
+"""AWQ as a walker method: search activation-aware scales per group of Linears that read one
+input, fold them into the module that produced that input, search clipping, then round.
+
+One block at a time, in four steps:
+
+1. Statistics. One pass of `forward()` with hooks records every Linear's inputs (mean |x| per
+   channel, and the tensors themselves), the output of every submodule on the first call (to
+   find who produced each Linear's input, by tensor identity), and the arguments (args and
+   kwargs) of every module that contains a Linear (to re-run it during the search).
+2. Scale search, on the float block. Linears whose first-call input is one tensor form a group
+   (q/k/v; gate/up; o; down). Its producer is found by identity: a norm with a per-channel
+   weight (1/s folds into its weight and bias) or a Linear (1/s folds into its output rows).
+   The producer of down_proj's input, act(gate) * up, is no module's output; a narrow name
+   rule treats `up_proj -> down_proj`, and `v_proj -> o_proj` when v_proj's outputs are
+   o_proj's inputs one to one (no grouped-query attention), as Linear folds. A group with no
+   foldable producer keeps s = 1 (plain rounding, still clipped). The loss of a candidate
+   alpha is the output error of the smallest module holding the whole group (self_attn for
+   q/k/v, mlp for gate/up, the Linear itself for o and down), re-run on its captured args.
+3. Folding. Each group's columns are scaled by s and 1/s is folded into its producer; one pass
+   of `forward()` checks that the block's float outputs did not change (to the dtype's
+   precision). A fold that does change them (a norm computing (1 + weight) * x, say) is undone.
+4. Clipping and rounding. Each Linear's group ranges are clipped where that lowers the output
+   error on a subsample of its (scaled) inputs, then it is rounded with RTN from the clipped
+   ranges and installed.
+
+All statistics come from the float block (not true-sequential): AWQ's choices are local to a
+group and the cost stays at two passes plus the grid of module re-runs.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from quantcore.methods.awq import accumulate_abs_mean, clip_ranges, clip_weight, search_scales
+from quantcore.methods.base import ModuleDone, QuantScheme, install_quantized, relative_error
+from quantcore.methods.rtn import quantize_rtn
+from quantcore.models.loading import linear_modules
+from quantcore.qtensor import QuantizedWeight
+
+
+@dataclass
+class GroupResult:
+    """What AWQ did for one group of Linears that read the same input (for reports and tests).
+
+    fold: "norm" or "linear" when scales were folded into `producer`; None otherwise, with
+    `note` saying why.
+    """
+
+    members: tuple[str, ...]
+    inspected: str
+    producer: str | None = None
+    fold: str | None = None
+    alpha: float | None = None
+    losses: tuple[float, ...] = ()
+    note: str = ""
+
+
+def _first(out):
+    return out[0] if isinstance(out, tuple) else out
+
+
+def _is_norm(mod: nn.Module, channels: int) -> bool:
+    """A norm-like module whose output is weight * normalized(x) (+ bias), per channel."""
+    w = getattr(mod, "weight", None)
+    return (
+        "norm" in type(mod).__name__.lower()
+        and isinstance(w, torch.Tensor)
+        and w.dim() == 1
+        and w.shape[0] == channels
+    )
+
+
+def _common_parent(names: tuple[str, ...]) -> str:
+    """The smallest module holding all `names`: the Linear itself for one, else the longest
+    common dotted prefix ("" is the block)."""
+    if len(names) == 1:
+        return names[0]
+    parts = [n.split(".") for n in names]
+    common = []
+    for level in zip(*parts, strict=False):
+        if any(p != level[0] for p in level):
+            break
+        common.append(level[0])
+    return ".".join(common)
+
+
+class _Recorder:
+    """Hooks for one pass of `forward()` over the float block (step 1)."""
+
+    def __init__(self, block: nn.Module, linears: dict[str, nn.Linear]):
+        self.linears = linears
+        self.inputs: dict[str, list[torch.Tensor]] = {n: [] for n in linears}
+        self.abs_sum: dict[str, torch.Tensor | None] = dict.fromkeys(linears)
+        self.count = dict.fromkeys(linears, 0)
+        # Outputs of every submodule during the block's first call, in completion order.
+        self.first_outputs: list[tuple[str, torch.Tensor]] = []
+        self.first_input: dict[str, torch.Tensor] = {}
+        self.calls: dict[str, list[tuple[tuple, dict]]] = {}
+        self.block_outputs: list[torch.Tensor] = []
+        self._first_call = True
+        holders = {""}
+        for name in linears:
+            parts = name.split(".")
+            holders.update(".".join(parts[:i]) for i in range(1, len(parts) + 1))
+        self.calls = {n: [] for n in holders}
+        self._handles = [
+            block.register_forward_hook(self._block_done),
+            *(m.register_forward_hook(self._linear(n)) for n, m in linears.items()),
+        ]
+        for name, mod in block.named_modules():
+            if name:
+                self._handles.append(mod.register_forward_hook(self._output(name)))
+            if name in holders:
+                self._handles.append(
+                    mod.register_forward_pre_hook(self._call(name), with_kwargs=True)
+                )
+
+    def _block_done(self, _mod, _args, out):
+        self.block_outputs.append(_first(out).detach())
+        self._first_call = False
+
+    def _linear(self, name: str):
+        def hook(_mod, args, _out):
+            x = args[0].detach()
+            if self._first_call:
+                self.first_input.setdefault(name, args[0])  # the object itself, for identity
+            self.inputs[name].append(x)
+            self.abs_sum[name], self.count[name] = accumulate_abs_mean(
+                self.abs_sum[name], self.count[name], x
+            )
+
+        return hook
+
+    def _output(self, name: str):
+        def hook(_mod, _args, out):
+            if self._first_call and isinstance(out, torch.Tensor):
+                self.first_outputs.append((name, out))
+
+        return hook
+
+    def _call(self, name: str):
+        def hook(_mod, args, kwargs):
+            self.calls[name].append((args, dict(kwargs)))
+
+        return hook
+
+    def remove(self) -> None:
+        for h in self._handles:
+            h.remove()
+
+    def x_mean(self, name: str) -> torch.Tensor:
+        return self.abs_sum[name] / self.count[name]
+
+
+def _subsample(tensors: list[torch.Tensor], n: int) -> torch.Tensor:
+    """At most `n` evenly spaced rows (tokens) of the concatenated [..., in] tensors (fp32)."""
+    rows = [t.reshape(-1, t.shape[-1]) for t in tensors]
+    total = sum(r.shape[0] for r in rows)
+    if total <= n:
+        return torch.cat(rows).float()
+    wanted = torch.linspace(0, total - 1, n).round().long()
+    out, start = [], 0
+    for r in rows:
+        sel = wanted[(wanted >= start) & (wanted < start + r.shape[0])] - start
+        out.append(r[sel.to(r.device)].float())
+        start += r.shape[0]
+    return torch.cat(out)
+
+
+@torch.no_grad()
+def fold_scales(
+    block: nn.Module, members: tuple[str, ...], producer: str, s: torch.Tensor
+) -> Callable[[], None]:
+    """Scale the columns of the Linears `members` by s [in] and the outputs of `producer` by
+    1/s: a norm's weight and bias, or a Linear's weight rows and bias. Exact before rounding
+    when the members' input is elementwise in the producer's outputs. Returns an undo."""
+    prod = block.get_submodule(producer)
+    prod_params = [p for p in (prod.weight, getattr(prod, "bias", None)) if p is not None]
+    params = [block.get_submodule(n).weight for n in members] + prod_params
+    saved = [p.data.clone() for p in params]
+    for n in members:
+        w = block.get_submodule(n).weight.data
+        w.copy_(w.float() * s.to(w.device)[None, :])
+    for p in prod_params:
+        inv = 1 / s.to(p.device)
+        p.data.copy_(p.data.float() * (inv[:, None] if p.dim() == 2 else inv))
+
+    def undo() -> None:
+        for p, d in zip(params, saved, strict=True):
+            p.data.copy_(d)
+
+    return undo
+
+
+class AWQ:
+    name = "awq"
+    needs_calibration = True
+
+    def __init__(
+        self,
+        grid: int = 20,
+        clip: bool = True,
+        clip_grid: int = 20,
+        max_shrink: float = 0.5,
+        clip_tokens: int = 512,
+    ):
+        self.grid = grid
+        self.clip = clip
+        self.clip_grid = clip_grid
+        self.max_shrink = max_shrink
+        self.clip_tokens = clip_tokens
+        self.last_groups: list[GroupResult] = []  # the groups of the last block quantized
+
+    @torch.no_grad()
+    def quantize_block(
+        self,
+        block: nn.Module,
+        modules: dict[str, tuple[nn.Linear, QuantScheme]],
+        forward: Callable[[], object],
+        on_module: ModuleDone,
+    ) -> dict[str, QuantizedWeight]:
+        groups, scales, rec = self.scale_block(block, modules, forward)
+        # Step 4: clip and round. Inputs are those of the scaled block: X / s.
+        out: dict[str, QuantizedWeight] = {}
+        member_scale = {n: s for g, s in zip(groups, scales, strict=True) for n in g.members}
+        for name, (lin, scheme) in modules.items():
+            w = lin.weight.data.float()
+            if self.clip:
+                x = _subsample(rec.inputs[name], self.clip_tokens)
+                s = member_scale.get(name)
+                if s is not None:
+                    x = x / s.to(x.device)
+                bounds = clip_ranges(
+                    w, x, scheme, self.clip_grid, self.max_shrink, lin.weight.dtype
+                )
+                w = clip_weight(w, bounds, scheme.group_size)
+            qw = quantize_rtn(w, scheme.bits, scheme.group_size, scheme.symmetric, lin.weight.dtype)
+            err = install_quantized(lin, qw)
+            out[name] = qw
+            on_module(name, qw, err)
+        return out
+
+    @torch.no_grad()
+    def scale_block(
+        self,
+        block: nn.Module,
+        modules: dict[str, tuple[nn.Linear, QuantScheme]],
+        forward: Callable[[], object],
+    ) -> tuple[list[GroupResult], list[torch.Tensor | None], _Recorder]:
+        """Steps 1-3: search scales and fold them in; the block's float outputs are unchanged.
+
+        Returns each group, its scales (None where none were applied) and the recorded
+        inputs (as the float block saw them, before scaling).
+        """
+        linears = linear_modules(block)
+        rec = _Recorder(block, linears)
+        try:
+            forward()
+        finally:
+            rec.remove()
+        for name in modules:
+            if not rec.inputs[name]:
+                raise RuntimeError(f"{name} saw no calibration input; it is never called")
+        reference = rec.block_outputs
+
+        groups = self._groups(block, linears, rec)
+        scales: list[torch.Tensor | None] = []
+        for g in groups:
+            scales.append(None)
+            if not any(n in modules for n in g.members):
+                g.note, g.fold = "no member is quantized", None
+                continue
+            if g.producer is None:
+                continue
+            schemes = [modules[n][1] if n in modules else None for n in g.members]
+            search = self._search(block, g, schemes, rec)
+            g.alpha, g.losses = search.alpha, search.losses
+            if search.alpha == 0:
+                g.note, g.fold = "alpha 0 (plain rounding) was best", None
+                continue
+            # Step 3: fold, and check the float block is unchanged.
+            undo = fold_scales(block, g.members, g.producer, search.scales)
+            if not self._unchanged(block, forward, reference):
+                undo()
+                g.note, g.fold = f"folding into {g.producer} changed the block; undone", None
+                continue
+            scales[-1] = search.scales
+        self.last_groups = groups
+        return groups, scales, rec
+
+    def _groups(
+        self, block: nn.Module, linears: dict[str, nn.Linear], rec: _Recorder
+    ) -> list[GroupResult]:
+        """Linears sharing one first-call input tensor, each with its foldable producer."""
+        groups: list[list[str]] = []
+        for name in linears:
+            if name not in rec.first_input:
+                continue
+            x = rec.first_input[name]
+            for members in groups:
+                if rec.first_input[members[0]] is x:
+                    members.append(name)
+                    break
+            else:
+                groups.append([name])
+        result = []
+        for members in groups:
+            g = GroupResult(tuple(members), _common_parent(tuple(members)))
+            x = rec.first_input[members[0]]
+            channels = linears[members[0]].in_features
+            for pname, out in rec.first_outputs:
+                if out is not x:
+                    continue
+                mod = block.get_submodule(pname)
+                if _is_norm(mod, channels):
+                    g.producer, g.fold = pname, "norm"
+                    break
+                if isinstance(mod, nn.Linear) and mod.out_features == channels:
+                    g.producer, g.fold = pname, "linear"
+                    break
+            if g.producer is None:
+                self._name_rule(g, linears)
+            result.append(g)
+        return result
+
+    @staticmethod
+    def _name_rule(g: GroupResult, linears: dict[str, nn.Linear]) -> None:
+        """Llama/Mistral/Qwen: down_proj reads act(gate_proj(x)) * up_proj(x), elementwise in
+        up_proj's outputs; o_proj reads the attention-weighted values, elementwise in v_proj's
+        outputs when each head has its own values. Scaling those outputs by 1/s is exact."""
+        if len(g.members) != 1:
+            g.note = "no foldable producer"
+            return
+        name = g.members[0]
+        consumer = linears[name]
+        for last, source in (("down_proj", "up_proj"), ("o_proj", "v_proj")):
+            if not name.endswith(last):
+                continue
+            pname = name[: -len(last)] + source
+            prod = linears.get(pname)
+            if prod is not None and prod.out_features == consumer.in_features:
+                g.producer, g.fold = pname, "linear"
+                return
+            g.note = f"{pname} does not map one to one onto {name} (grouped-query attention?)"
+            return
+        g.note = "no foldable producer"
+
+    def _search(self, block: nn.Module, g: GroupResult, schemes, rec: _Recorder):
+        members = [block.get_submodule(n) for n in g.members]
+        originals = [m.weight.data.clone() for m in members]
+        inspected = block.get_submodule(g.inspected)
+        calls = rec.calls[g.inspected]
+        refs = [_first(inspected(*a, **kw)).float() for a, kw in calls]
+        numel = sum(r.numel() for r in refs)
+
+        def loss(candidates: list[torch.Tensor]) -> float:
+            for m, w in zip(members, candidates, strict=True):
+                m.weight.data.copy_(w.to(m.weight.dtype))
+            total = 0.0
+            for (a, kw), ref in zip(calls, refs, strict=True):
+                total += float((_first(inspected(*a, **kw)).float() - ref).pow(2).sum())
+            return total / numel
+
+        try:
+            return search_scales(
+                rec.x_mean(g.members[0]),
+                originals,
+                schemes,
+                loss,
+                self.grid,
+                members[0].weight.dtype,
+            )
+        finally:
+            for m, w in zip(members, originals, strict=True):
+                m.weight.data.copy_(w)
+
+    @staticmethod
+    def _unchanged(block: nn.Module, forward: Callable[[], object], reference) -> bool:
+        outputs: list[torch.Tensor] = []
+        handle = block.register_forward_hook(lambda _m, _a, o: outputs.append(_first(o)))
+        try:
+            forward()
+        finally:
+            handle.remove()
+        eps = torch.finfo(reference[0].dtype).eps if reference[0].is_floating_point() else 0
+        tol = max((4 * eps) ** 2, 1e-10)
+        err = sum(relative_error(r, o) for r, o in zip(reference, outputs, strict=True))
+        return err / max(len(reference), 1) <= tol

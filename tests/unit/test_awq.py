@@ -1,0 +1,266 @@
+"""AWQ: exact folding on the tiny Llama, the scale and clipping searches on small problems
+(the clipping against a plainly written brute force), and AWQ against RTN end to end."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from transformers import AutoModelForCausalLM, AutoTokenizer
+
+from quantcore.data.datasets import calibration_samples
+from quantcore.methods.awq import (
+    awq_scales,
+    clip_ranges,
+    clip_weight,
+    fake_quantize,
+    search_scales,
+)
+from quantcore.methods.awq_method import AWQ, fold_scales
+from quantcore.methods.base import QuantScheme, SchemeMap
+from quantcore.methods.rtn import quantize_rtn
+from quantcore.methods.rtn_method import RTN
+from quantcore.models.loading import decoder_layers, linear_modules
+from quantcore.walker import quantize_model
+
+W3G32 = QuantScheme(3, 32, symmetric=False)
+
+
+@pytest.fixture
+def tokenizer(tiny_model_dir):
+    return AutoTokenizer.from_pretrained(tiny_model_dir)
+
+
+def _fresh(tiny_model_dir):
+    return AutoModelForCausalLM.from_pretrained(tiny_model_dir).eval()
+
+
+# --- folding: the float model is unchanged --------------------------------------------------
+
+
+@torch.no_grad()
+def test_searched_scales_fold_exactly_into_norms_and_linears(tiny_model_dir, tokenizer):
+    model = _fresh(tiny_model_dir)
+    ids = calibration_samples(tokenizer, "wiki-excerpt", 4, 64, seed=0)
+    before = model(input_ids=ids).logits
+    block = decoder_layers(model)[1][0]
+    params = {n: p.clone() for n, p in block.named_parameters()}
+    modules = {n: (lin, W3G32) for n, lin in linear_modules(block).items()}
+
+    # The block runs inside the whole model: its hooks see it as the walker would run it.
+    groups, scales, _ = AWQ().scale_block(block, modules, lambda: model(input_ids=ids))
+
+    found = {g.members: (g.producer, g.fold) for g in groups}
+    assert found == {
+        ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"): ("input_layernorm", "norm"),
+        ("mlp.gate_proj", "mlp.up_proj"): ("post_attention_layernorm", "norm"),
+        ("mlp.down_proj",): ("mlp.up_proj", "linear"),
+        # Grouped-query attention (4 heads, 2 value heads): v_proj's outputs are shared.
+        ("self_attn.o_proj",): (None, None),
+    }
+    assert [g.inspected for g in groups] == [
+        "self_attn",
+        "self_attn.o_proj",
+        "mlp",
+        "mlp.down_proj",
+    ]
+    for g, s in zip(groups, scales, strict=True):
+        if g.fold is not None:
+            assert 0 < g.alpha <= 1 and s is not None and not torch.allclose(s, torch.ones_like(s))
+    # The folds really moved weight between the modules...
+    for name in ("input_layernorm.weight", "post_attention_layernorm.weight", "mlp.up_proj.weight"):
+        assert not torch.allclose(block.get_parameter(name), params[name])
+    assert torch.equal(block.self_attn.o_proj.weight, params["self_attn.o_proj.weight"])
+    # ...and the model computes the same function.
+    after = model(input_ids=ids).logits
+    torch.testing.assert_close(after, before, rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize(
+    ("members", "producer"),
+    [
+        (("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"), "input_layernorm"),
+        (("mlp.gate_proj", "mlp.up_proj"), "post_attention_layernorm"),
+        (("mlp.down_proj",), "mlp.up_proj"),
+    ],
+)
+@torch.no_grad()
+def test_folding_wild_scales_keeps_the_model(tiny_model_dir, tokenizer, members, producer):
+    model = _fresh(tiny_model_dir)
+    ids = calibration_samples(tokenizer, "wiki-excerpt", 2, 64, seed=3)
+    before = model(input_ids=ids).logits
+    block = decoder_layers(model)[1][1]
+    n = block.get_submodule(members[0]).in_features
+    s = torch.exp(torch.randn(n, generator=torch.Generator().manual_seed(0)) * 1.5)
+    original = block.get_submodule(producer).weight.clone()
+    undo = fold_scales(block, members, producer, s)
+    assert not torch.allclose(block.get_submodule(producer).weight, original)
+    torch.testing.assert_close(model(input_ids=ids).logits, before, rtol=1e-4, atol=1e-4)
+    undo()
+    assert torch.equal(block.get_submodule(producer).weight, original)
+
+
+class OnePlusRMSNorm(torch.nn.Module):
+    """Gemma's norm: x / rms(x) * (1 + weight). Dividing its weight by s is not exact."""
+
+    def __init__(self, weight: torch.Tensor, eps: float):
+        super().__init__()
+        self.weight = torch.nn.Parameter(weight - 1)
+        self.eps = eps
+
+    def forward(self, x):
+        x = x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + self.eps)
+        return x * (1 + self.weight)
+
+
+@torch.no_grad()
+def test_a_fold_that_changes_the_block_is_undone(tiny_model_dir, tokenizer):
+    model = _fresh(tiny_model_dir)
+    block = decoder_layers(model)[1][0]
+    norm = block.post_attention_layernorm
+    block.post_attention_layernorm = OnePlusRMSNorm(norm.weight.data.clone(), norm.variance_epsilon)
+    ids = calibration_samples(tokenizer, "wiki-excerpt", 4, 64, seed=0)
+    before = model(input_ids=ids).logits
+    modules = {n: (lin, W3G32) for n, lin in linear_modules(block).items()}
+    gate_up = block.mlp.gate_proj.weight.clone()
+
+    groups, scales, _ = AWQ().scale_block(block, modules, lambda: model(input_ids=ids))
+
+    mlp = next(g for g in groups if g.members == ("mlp.gate_proj", "mlp.up_proj"))
+    assert mlp.producer == "post_attention_layernorm" and mlp.alpha > 0
+    assert mlp.fold is None and "undone" in mlp.note
+    assert scales[groups.index(mlp)] is None
+    assert torch.equal(block.mlp.gate_proj.weight, gate_up)
+    # The other groups were still folded, and the model is unchanged.
+    assert {g.fold for g in groups} == {"norm", "linear", None}
+    torch.testing.assert_close(model(input_ids=ids).logits, before, rtol=1e-4, atol=1e-4)
+
+
+# --- the scale search -----------------------------------------------------------------------
+
+
+def test_scale_search_protects_outlier_channels():
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(512, 64, generator=g)
+    x[:, [3, 17, 40, 41]] *= 30  # a few input channels carry large activations
+    w = torch.randn(32, 64, generator=g)
+    ref = x @ w.t()
+
+    def loss(candidates):
+        return float((x @ candidates[0].t() - ref).pow(2).mean())
+
+    found = search_scales(x.abs().mean(0), [w], [W3G32], loss, grid=20)
+    assert len(found.losses) == 20 and found.alphas[0] == 0 and found.alphas[-1] == 1
+    # alpha = 0 is plain RTN.
+    assert found.losses[0] == loss([fake_quantize(w, W3G32)])
+    assert 0 < found.alpha < 1
+    best = min(found.losses)
+    assert best == found.losses[found.alphas.index(found.alpha)]
+    assert best < 0.5 * found.losses[0]
+    # The reported loss is what the folded layer really does: inputs X / s, weights Q(W * s).
+    s = found.scales
+    assert torch.allclose(s, awq_scales(x.abs().mean(0), found.alpha))
+    folded = (x / s) @ fake_quantize(w * s, W3G32).t()
+    assert float((folded - ref).pow(2).mean()) == pytest.approx(best, rel=1e-4)
+
+
+@pytest.mark.parametrize(
+    "scheme",
+    [W3G32, QuantScheme(4, 32, True), QuantScheme(3, -1, False), QuantScheme(4, 24, False)],
+)
+def test_fake_quantize_is_rtn(scheme):
+    w = torch.randn(16, 80, generator=torch.Generator().manual_seed(2)) * 0.1
+    w[3] = 0  # an all-zero row
+    for dtype in (torch.float32, torch.bfloat16):
+        wd = w.to(dtype)
+        expected = quantize_rtn(wd, scheme.bits, scheme.group_size, scheme.symmetric)
+        assert torch.equal(fake_quantize(wd, scheme), expected.dequantize(torch.float32))
+
+
+def test_scales_are_normalised_and_positive():
+    x_mean = torch.tensor([0.0, 1e-3, 0.5, 2.0, 40.0])
+    for alpha in (0.0, 0.3, 1.0):
+        s = awq_scales(x_mean, alpha)
+        assert bool((s > 0).all())
+        assert float(s.max() * s.min()) == pytest.approx(1.0, rel=1e-5)
+    assert torch.equal(awq_scales(x_mean, 0.0), torch.ones(5))
+
+
+# --- the clipping search against a brute force ----------------------------------------------
+
+
+def brute_force_clip(w, x, scheme, grid, max_shrink):
+    """For each row and group, try every shrink of max|w| and keep the first bound with the
+    smallest error of that group's part of the output; returns bounds and the rounded weight."""
+    out_f, in_f = w.shape
+    gs = scheme.group_size
+    bounds = torch.empty(out_f, in_f // gs)
+    rounded = torch.empty(out_f, in_f)
+    for o in range(out_f):
+        for g in range(in_f // gs):
+            cols = slice(g * gs, (g + 1) * gs)
+            row, xs = w[o, cols], x[:, cols]
+            best = None
+            for i in range(int(max_shrink * grid)):
+                # In fp32, as the search: the clipped maximum of a symmetric group sits on a
+                # rounding tie, so the bound's last bit decides its code.
+                m = row.abs().max() * (1 - i / grid)
+                clipped = row.clamp(-m, m)
+                q = quantize_rtn(clipped[None, :], scheme.bits, gs, scheme.symmetric)
+                q = q.dequantize(torch.float32)[0]
+                err = sum(float(xs[t] @ (row - q)) ** 2 for t in range(xs.shape[0]))
+                if best is None or err < best[0]:
+                    best = (err, m, q)
+            bounds[o, g], rounded[o, cols] = float(best[1]), best[2]
+    return bounds, rounded
+
+
+@pytest.mark.parametrize("scheme", [QuantScheme(2, 4, False), QuantScheme(3, 4, True)])
+def test_clip_search_matches_brute_force(scheme):
+    g = torch.Generator().manual_seed(1)
+    w = torch.randn(5, 12, generator=g)
+    w[0, 1], w[2, 6], w[4, 11] = 4.0, -5.0, 3.5  # outlier weights are worth clipping
+    x = torch.randn(30, 12, generator=g)
+    bounds = clip_ranges(w, x, scheme, grid=20, max_shrink=0.5)
+    expected_bounds, expected = brute_force_clip(w, x, scheme, 20, 0.5)
+    torch.testing.assert_close(bounds, expected_bounds, rtol=1e-6, atol=0)
+    assert bool((bounds < w.abs().reshape(5, 3, 4).amax(-1) - 1e-6).any()), "nothing clipped"
+    # Rounding the clipped weight gives the brute force's choice, scales from the clipped range.
+    qw = quantize_rtn(clip_weight(w, bounds, scheme.group_size), scheme.bits, 4, scheme.symmetric)
+    torch.testing.assert_close(qw.dequantize(torch.float32), expected, rtol=0, atol=1e-6)
+    plain = quantize_rtn(w, scheme.bits, 4, scheme.symmetric)
+    assert bool((qw.scales <= plain.scales).all()) and bool((qw.scales < plain.scales).any())
+
+
+# --- end to end -----------------------------------------------------------------------------
+
+
+def test_awq_beats_rtn_through_the_walker(tiny_model_dir, tokenizer):
+    samples = calibration_samples(tokenizer, "wiki-excerpt", 8, 64, seed=0)
+    held_out = calibration_samples(tokenizer, "wiki-excerpt", 8, 64, seed=7)
+    with torch.no_grad():
+        reference = _fresh(tiny_model_dir)(input_ids=held_out).logits
+
+    errors, results, events = {}, {}, {}
+    for name, method in (("rtn", RTN()), ("awq", AWQ()), ("awq-noclip", AWQ(clip=False))):
+        model = _fresh(tiny_model_dir)
+        events[name] = []
+        q = quantize_model(model, samples, method, SchemeMap(W3G32), on_module=events[name].append)
+        assert len(q) == 14 and len(events[name]) == 14
+        weights = dict(model.named_parameters())
+        for module, qw in q.items():
+            assert (qw.bits, qw.group_size, qw.symmetric) == (3, 32, False)
+            assert torch.equal(weights[f"{module}.weight"], qw.dequantize())
+        with torch.no_grad():
+            errors[name] = float((model(input_ids=held_out).logits - reference).pow(2).mean())
+        results[name] = q
+    assert all(0 < e.error < 0.2 for e in events["awq"])
+    assert errors["awq"] < 0.9 * errors["rtn"]
+
+    # Layer 1 sees the same float block in both AWQ runs, so the scaled weights match and
+    # clipping can only narrow the ranges the stored scales come from.
+    layer0 = [k for k in results["awq"] if k.startswith("model.layers.0.")]
+    assert len(layer0) == 7
+    clipped = [results["awq"][k].scales for k in layer0]
+    unclipped = [results["awq-noclip"][k].scales for k in layer0]
+    assert all(bool((a <= b * (1 + 1e-6)).all()) for a, b in zip(clipped, unclipped, strict=True))
+    assert sum(int((a < b * (1 - 1e-3)).sum()) for a, b in zip(clipped, unclipped, strict=True))
