@@ -106,7 +106,7 @@ def main() -> None:
     print(
         f"SmolLM2-135M-Instruct, calibration {a.samples}x{a.seq_len} tokens, "
         f"evaluation {a.windows}x{a.seq_len} held-out tokens; GPTQ with act-order "
-        "(static groups), block 128, damp 0.01"
+        "(static groups), block 128, damp 0.01; AWQ grid 20 with clipping"
     )
     head = (
         f"{'config':<14}{'ppl base':>10}{'ppl quant':>11}{'change':>9}{'KL':>9}"
