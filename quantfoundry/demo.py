@@ -95,7 +95,7 @@ def run_demo(bits: int, group_size: int, symmetric: bool, port: int) -> int:
                 p.wait(20)
             except subprocess.TimeoutExpired:
                 p.kill()
-        console.print("API and worker stopped")
+        console.print("API, dispatcher and worker stopped")
 
 
 def _watch(

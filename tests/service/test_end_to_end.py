@@ -75,17 +75,21 @@ def test_unknown_model_fails_with_actionable_reason(stack):
     assert "nobody-here/no-such-model" in msg and "cache" in msg and "hf download" in msg
 
 
+def _wait_until_evaluating(stack, job_id: str, timeout: float = 60) -> dict:
+    """The job as soon as its worker is in the base-model evaluation."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        job = httpx.get(f"{stack.url}/v1/jobs/{job_id}", timeout=10).json()
+        if job["state"] == "running" and job["progress"]["phase"] == "evaluate_base":
+            return job
+        time.sleep(0.1)
+    raise AssertionError(f"job never started evaluating: {job}")
+
+
 def test_cancel_mid_run_stops_within_a_step(stack):
     # A long base evaluation (thousands of short windows) keeps the job running long enough.
     created = stack.submit(spec(evaluation={"seq_len": 32, "max_windows": 5000}))
-    deadline = time.monotonic() + 60
-    while time.monotonic() < deadline:
-        job = httpx.get(f"{stack.url}/v1/jobs/{created['id']}", timeout=10).json()
-        if job["state"] == "running" and job["progress"]["phase"] == "evaluate_base":
-            break
-        time.sleep(0.1)
-    else:
-        raise AssertionError(f"job never started evaluating: {job}")
+    job = _wait_until_evaluating(stack, created["id"])
     r = httpx.post(f"{stack.url}/v1/jobs/{created['id']}/cancel", timeout=10)
     assert r.status_code == 202 and r.json()["state"] in ("cancelling", "cancelled")
     t0 = time.monotonic()
@@ -144,14 +148,7 @@ def test_events_stream_live_and_resume(stack):
 
 def test_worker_killed_mid_job_finishes_on_next_attempt(stack):
     created = stack.submit(spec(evaluation={"seq_len": 32, "max_windows": 1500}))
-    deadline = time.monotonic() + 60
-    while time.monotonic() < deadline:
-        job = httpx.get(f"{stack.url}/v1/jobs/{created['id']}", timeout=10).json()
-        if job["state"] == "running" and job["progress"]["phase"] == "evaluate_base":
-            break
-        time.sleep(0.1)
-    else:
-        raise AssertionError(f"job never started evaluating: {job}")
+    job = _wait_until_evaluating(stack, created["id"])
     pid = int(job["worker"].rsplit(":", 1)[1])
     os.kill(pid, signal.SIGKILL)  # the process running the job, mid-evaluation
 
