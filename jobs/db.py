@@ -33,6 +33,7 @@ def make_engine(url: str) -> Engine:
 
 
 _engines: dict[str, Engine] = {}
+_factories: dict[str, sessionmaker[Session]] = {}
 
 
 def engine_for(url: str) -> Engine:
@@ -48,10 +49,14 @@ def forget_inherited_connections() -> None:
     for engine in _engines.values():
         engine.dispose(close=False)
     _engines.clear()
+    _factories.clear()
 
 
 def session_factory(url: str) -> sessionmaker[Session]:
-    return sessionmaker(engine_for(url), expire_on_commit=False)
+    """One session factory per URL and process (workers open a session per progress write)."""
+    if url not in _factories:
+        _factories[url] = sessionmaker(engine_for(url), expire_on_commit=False)
+    return _factories[url]
 
 
 @contextmanager

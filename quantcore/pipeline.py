@@ -90,7 +90,7 @@ def request_key(req: QuantizeRequest) -> str:
     return hashlib.sha256(json.dumps(asdict(req), sort_keys=True, default=str).encode()).hexdigest()
 
 
-def _check(req: QuantizeRequest, model: torch.nn.Module) -> None:
+def _check(req: QuantizeRequest) -> None:
     if req.method not in METHODS:
         raise BadRequestError(f"unknown method {req.method!r}; available: {sorted(METHODS)}")
     if req.group_size != -1 and req.group_size <= 0:
@@ -120,9 +120,9 @@ def run(
         seconds[name] = round(now - t, 3)
         t = now
 
+    _check(req)  # before the (possibly long) model load
     on_progress(Progress("load", 0, 1, f"loading {req.model_id}@{req.revision}"))
     model, tokenizer, snapshot = load_causal_lm(req.model_id, req.revision)
-    _check(req, model)
     phase_done("load")
 
     ev = req.evaluation

@@ -50,7 +50,3 @@ class QuantizedWeight:
         g = self.group_index()
         w = (self.codes.float() - self.zeros.float()[:, g]) * self.scales.float()[:, g]
         return w.to(dtype or self.scales.dtype)
-
-
-def num_groups(in_features: int, group_size: int) -> int:
-    return (in_features + group_size - 1) // group_size

@@ -58,7 +58,6 @@ def stack(request, tmp_path, hub_cache):
         redis = request.getfixturevalue("redis_url")
         env = base_env(home, hub_cache, queue=queue, database_url=pg, broker_url=redis + "/0")
     s = Stack(env=env, logs=tmp_path / "logs")
-    s.backend = request.param
     try:
         yield s.start()
     finally:
