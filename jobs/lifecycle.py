@@ -33,6 +33,12 @@ def create_job(
         calibration=spec.calibration.model_dump(),
         evaluation=spec.evaluation.model_dump(),
         method_options=spec.method_options() or None,
+        ignore=list(spec.ignore),
+        overrides=[o.model_dump() for o in spec.overrides],
+        quality_gate=spec.quality_gate.model_dump() if spec.quality_gate else None,
+        destination=spec.destination.model_dump(),
+        priority=spec.priority,
+        labels=dict(spec.labels),
         state=State.queued.value,
         attempt=0,
         max_attempts=max_attempts,
@@ -71,6 +77,12 @@ def job_spec(job: Job) -> JobSpec:
         evaluation=job.evaluation,
         gptq=job.method_options if job.method == "gptq" else None,
         awq=job.method_options if job.method == "awq" else None,
+        ignore=job.ignore,
+        overrides=job.overrides,
+        quality_gate=job.quality_gate,
+        destination=job.destination,
+        priority=job.priority,
+        labels=job.labels,
     )
 
 

@@ -41,6 +41,13 @@ class Job(Base):
     calibration: Mapped[dict[str, Any]]
     evaluation: Mapped[dict[str, Any]]
     method_options: Mapped[dict[str, Any] | None]
+    ignore: Mapped[list[str]] = mapped_column(JSON, default=lambda: ["lm_head"])
+    overrides: Mapped[list[dict[str, Any]]] = mapped_column(JSON, default=list)
+    quality_gate: Mapped[dict[str, Any] | None]
+    # Where to publish; a Hub token is only named here (a secret reference), never stored.
+    destination: Mapped[dict[str, Any]]
+    priority: Mapped[str] = mapped_column(String(16), default="default")
+    labels: Mapped[dict[str, Any]] = mapped_column(JSON, default=dict)
 
     state: Mapped[str] = mapped_column(String(16), default="queued")
     phase: Mapped[str | None] = mapped_column(String(32))
@@ -57,6 +64,9 @@ class Job(Base):
     failure_reason: Mapped[str | None] = mapped_column(String(32))
     failure_message: Mapped[str | None] = mapped_column(Text)
     results: Mapped[dict[str, Any] | None]
+    # Recorded once the sink has published, so a retry after a crash does not publish twice.
+    publish_commit: Mapped[str | None] = mapped_column(String(200))
+    publish_url: Mapped[str | None] = mapped_column(Text)
 
     __table_args__ = (
         Index("ix_jobs_created_at_id", "created_at", "id"),

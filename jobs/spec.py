@@ -4,8 +4,16 @@ from __future__ import annotations
 
 import re
 from enum import StrEnum
+from typing import Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, field_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    ValidationInfo,
+    field_validator,
+    model_validator,
+)
 
 
 class Method(StrEnum):
@@ -17,15 +25,35 @@ class Method(StrEnum):
 # Bit widths with a packed layout and a kernel path (see kernels/packing.py).
 METHOD_BITS: dict[Method, tuple[int, ...]] = {m: (2, 3, 4, 8) for m in Method}
 GROUP_SIZES = (-1, 32, 64, 128, 256)
-CALIBRATION_DATASETS = ("wiki-excerpt",)
+# Built in (offline); Hub datasets by alias (need the network); a file the worker can read;
+# a file uploaded through the API (POST /v1/calibration).
+BUILTIN_DATASETS = ("wiki-excerpt",)
+HUB_DATASETS = ("wikitext2", "c4", "pileval")
+CALIBRATION_DATASETS = (*BUILTIN_DATASETS, *HUB_DATASETS, "file", "upload")
+PRIORITIES = ("high", "default", "low")
 
+_LABEL_KEY = re.compile(r"^[a-z0-9]([a-z0-9._/-]{0,61}[a-z0-9])?$")
 _MODEL_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*(/[A-Za-z0-9][A-Za-z0-9._-]*)?$")
 
 
 class CalibrationSpec(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
-    dataset: str = Field(default="wiki-excerpt", examples=["wiki-excerpt"])
+    dataset: str = Field(
+        default="wiki-excerpt",
+        examples=["wiki-excerpt"],
+        description="wiki-excerpt (built in), wikitext2 | c4 | pileval (Hub datasets, need the "
+        "network), file (`path` on the worker), upload (`upload_id` from POST /v1/calibration).",
+    )
+    path: str | None = Field(
+        default=None, max_length=1000, description="A .txt or .jsonl file, when dataset is file."
+    )
+    upload_id: str | None = Field(
+        default=None, max_length=64, description="An uploaded file's id, when dataset is upload."
+    )
+    text_field: str = Field(
+        default="text", min_length=1, max_length=100, description="The JSONL key holding text."
+    )
     n_samples: int = Field(default=32, ge=1, le=4096)
     seq_len: int = Field(default=512, ge=16, le=32768)
     seed: int = Field(default=0, ge=0)
@@ -36,6 +64,18 @@ class CalibrationSpec(BaseModel):
         if v not in CALIBRATION_DATASETS:
             raise ValueError(f"unknown dataset {v!r}; available: {', '.join(CALIBRATION_DATASETS)}")
         return v
+
+    @model_validator(mode="after")
+    def _source_fields(self) -> CalibrationSpec:
+        if self.dataset == "file" and not self.path:
+            raise ValueError("dataset 'file' needs a path (a .txt or .jsonl file)")
+        if self.dataset == "upload" and not self.upload_id:
+            raise ValueError("dataset 'upload' needs an upload_id (from POST /v1/calibration)")
+        if self.path and self.dataset != "file":
+            raise ValueError(f"path is only used with dataset 'file', not {self.dataset!r}")
+        if self.upload_id and self.dataset != "upload":
+            raise ValueError(f"upload_id is only used with dataset 'upload', not {self.dataset!r}")
+        return self
 
 
 class EvaluationSpec(BaseModel):
@@ -72,6 +112,87 @@ class AWQOptions(BaseModel):
     max_shrink: float = Field(default=0.5, gt=0, lt=1, description="Most a range may shrink.")
 
 
+def _compiles(pattern: str) -> str:
+    try:
+        re.compile(pattern)
+    except re.error as e:
+        raise ValueError(f"{pattern!r} is not a regular expression: {e}") from None
+    return pattern
+
+
+class ModuleOverride(BaseModel):
+    """A different scheme (or none) for the modules whose name matches `pattern`: mixed
+    precision. The first matching override wins."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    pattern: str = Field(
+        min_length=1, max_length=500, examples=[r"mlp\.down_proj$"], description="Regex."
+    )
+    bits: int | None = Field(default=None, description="Default: the job's bits.")
+    group_size: int | None = Field(default=None, description="Default: the job's group size.")
+    symmetric: bool | None = None
+    skip: bool = Field(default=False, description="Leave matching modules in floating point.")
+
+    @field_validator("pattern")
+    @classmethod
+    def _pattern_compiles(cls, v: str) -> str:
+        return _compiles(v)
+
+
+class QualityGate(BaseModel):
+    """Limits the verification figures must meet; otherwise the job fails with reason
+    quality_gate and nothing is published."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    max_ppl_increase_pct: float | None = Field(
+        default=None, ge=0, examples=[5.0], description="Most perplexity may rise, in percent."
+    )
+    max_kl: float | None = Field(
+        default=None, ge=0, description="Most mean KL divergence (nats/token) from the base."
+    )
+    min_top1: float | None = Field(
+        default=None, ge=0, le=1, description="Least top-1 agreement with the base model."
+    )
+
+
+class Destination(BaseModel):
+    """Where the artifact is published. The Hub token is a named secret the worker resolves;
+    it is never part of a job."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    kind: Literal["local", "hub"] = "local"
+    repo_id: str | None = Field(
+        default=None,
+        max_length=200,
+        description="owner/name; default {namespace}/{model}-{method}-w{bits}g{group}.",
+    )
+    namespace: str | None = Field(default=None, max_length=100)
+    branch: str = Field(default="main", min_length=1, max_length=200)
+    private: bool = True
+    token_secret: str = Field(
+        default="hub-token",
+        pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]*$",
+        max_length=100,
+        description="Name of the secret holding the Hub token (never the token itself).",
+    )
+
+    @field_validator("repo_id")
+    @classmethod
+    def _repo_id_shape(cls, v: str | None) -> str | None:
+        if v is not None and not (_MODEL_ID.match(v) and "/" in v):
+            raise ValueError(f"{v!r} is not a Hub repo id such as 'owner/name'")
+        return v
+
+    @model_validator(mode="after")
+    def _hub_needs_a_name(self) -> Destination:
+        if self.kind == "hub" and not (self.repo_id or self.namespace):
+            raise ValueError("a hub destination needs repo_id or namespace")
+        return self
+
+
 class JobSpec(BaseModel):
     model_config = ConfigDict(
         extra="forbid",
@@ -105,6 +226,46 @@ class JobSpec(BaseModel):
     evaluation: EvaluationSpec = Field(default_factory=EvaluationSpec)
     gptq: GPTQOptions | None = Field(default=None, description="Options when method is gptq.")
     awq: AWQOptions | None = Field(default=None, description="Options when method is awq.")
+    ignore: list[str] = Field(
+        default_factory=lambda: ["lm_head"],
+        max_length=100,
+        description="Regexes of modules left in floating point (embeddings always are).",
+    )
+    overrides: list[ModuleOverride] = Field(default_factory=list, max_length=100)
+    quality_gate: QualityGate | None = None
+    destination: Destination = Field(default_factory=Destination)
+    priority: Literal["high", "default", "low"] = "default"
+    labels: dict[str, str] = Field(default_factory=dict, max_length=32)
+
+    @field_validator("ignore")
+    @classmethod
+    def _ignore_patterns(cls, v: list[str]) -> list[str]:
+        return [_compiles(p) for p in v]
+
+    @field_validator("labels")
+    @classmethod
+    def _label_shape(cls, v: dict[str, str]) -> dict[str, str]:
+        for key, value in v.items():
+            if not _LABEL_KEY.match(key):
+                raise ValueError(f"label key {key!r} must match {_LABEL_KEY.pattern}")
+            if len(value) > 200:
+                raise ValueError(f"label {key!r}: value longer than 200 characters")
+        return v
+
+    @model_validator(mode="after")
+    def _override_schemes(self) -> JobSpec:
+        allowed = METHOD_BITS[self.method]
+        for i, o in enumerate(self.overrides):
+            if o.bits is not None and o.bits not in allowed:
+                raise ValueError(
+                    f"overrides[{i}].bits: {self.method.value} cannot produce {o.bits}-bit "
+                    f"weights; choose one of {', '.join(map(str, allowed))}"
+                )
+            if o.group_size is not None and o.group_size not in GROUP_SIZES:
+                raise ValueError(
+                    f"overrides[{i}].group_size: {o.group_size} is not a supported group size"
+                )
+        return self
 
     @field_validator("model_id")
     @classmethod

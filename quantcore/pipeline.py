@@ -29,10 +29,27 @@ METHODS: dict[str, Callable[..., LayerMethod]] = {"rtn": RTN, "gptq": GPTQ, "awq
 
 @dataclass(frozen=True)
 class Calibration:
+    """Where calibration text comes from: a built-in or Hub dataset name, or `file` with a
+    `path` to a .txt or .jsonl file (`text_field` names the JSONL key)."""
+
     dataset: str = BUILTIN
     n_samples: int = 32
     seq_len: int = 512
     seed: int = 0
+    path: str | None = None
+    text_field: str = "text"
+
+
+@dataclass(frozen=True)
+class Override:
+    """A different scheme for modules whose name matches `pattern` (None: the default's),
+    or `skip` to leave them in floating point. The first match wins."""
+
+    pattern: str
+    bits: int | None = None
+    group_size: int | None = None
+    symmetric: bool | None = None
+    skip: bool = False
 
 
 @dataclass(frozen=True)
@@ -53,6 +70,7 @@ class QuantizeRequest:
     calibration: Calibration = field(default_factory=Calibration)
     evaluation: Evaluation = field(default_factory=Evaluation)
     ignore: tuple[str, ...] = ("lm_head",)
+    overrides: tuple[Override, ...] = ()
     method_options: dict = field(default_factory=dict)
 
 

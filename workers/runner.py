@@ -33,8 +33,9 @@ def failure_for(exc: BaseException) -> tuple[FailureReason, str]:
 
 
 def _request(job: Job):
-    from quantcore.pipeline import Calibration, Evaluation, QuantizeRequest
+    from quantcore.pipeline import Calibration, Evaluation, Override, QuantizeRequest
 
+    cal = {k: v for k, v in job.calibration.items() if k != "upload_id"}
     return QuantizeRequest(
         model_id=job.model_id,
         revision=job.revision,
@@ -42,8 +43,10 @@ def _request(job: Job):
         bits=job.bits,
         group_size=job.group_size,
         symmetric=job.symmetric,
-        calibration=Calibration(**job.calibration),
+        calibration=Calibration(**cal),
         evaluation=Evaluation(**job.evaluation),
+        ignore=tuple(job.ignore),
+        overrides=tuple(Override(**o) for o in job.overrides),
         method_options=job.method_options or {},
     )
 
