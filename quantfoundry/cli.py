@@ -10,6 +10,7 @@ import typer
 from rich.console import Console
 
 from jobs.settings import get_settings
+from quantfoundry import client_cli, local_cli
 
 app = typer.Typer(no_args_is_help=True, add_completion=False, help=__doc__)
 db_app = typer.Typer(no_args_is_help=True, help="Database schema (Alembic).")
@@ -128,6 +129,10 @@ def demo(bits: int = 4, group_size: int = 64, symmetric: bool = False, port: int
     from quantfoundry.demo import run_demo
 
     sys.exit(run_demo(bits=bits, group_size=group_size, symmetric=symmetric, port=port))
+
+
+client_cli.register(app)
+local_cli.register(app)
 
 
 def main() -> None:
