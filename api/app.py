@@ -6,9 +6,22 @@ from contextlib import asynccontextmanager
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
+from fastapi.openapi.utils import get_openapi
 from fastapi.responses import JSONResponse
+from prometheus_client import CollectorRegistry
+from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.routing import Match
 
-from api import routes_jobs
+from api import (
+    routes_dashboard,
+    routes_hooks,
+    routes_jobs,
+    routes_ops,
+    routes_tokens,
+    routes_uploads,
+)
+from api.metrics import DatabaseCollector
+from jobs.auth import pepper
 from jobs.db import check_migrated, session_factory
 from jobs.settings import Settings, get_settings
 
@@ -30,6 +43,83 @@ async def _validation_error(_req: Request, exc: RequestValidationError) -> JSONR
     )
 
 
+DESCRIPTION = """Batch quantization of LLMs: submit a job, watch it, fetch the artifact.
+
+Every /v1 call needs an API token (`Authorization: Bearer <token>`, or the dashboard's
+`qf_token` cookie) with the scope the operation names (`read`, `submit`, `admin`); a token
+sees only its team's jobs. The first admin token comes from
+`quantfoundry token create --team T --scopes admin`."""
+
+
+def _allowed_methods(req: Request) -> str:
+    """Every method of every route at this path (Starlette names only the first route's)."""
+    methods: set[str] = set()
+    for route in req.app.routes:
+        match, _ = route.matches({**req.scope, "method": "GET"})
+        if match != Match.NONE or route.matches({**req.scope, "method": "POST"})[0] != Match.NONE:
+            methods |= set(getattr(route, "methods", None) or ())
+    return ", ".join(sorted(methods))
+
+
+async def _http_error(req: Request, exc: StarletteHTTPException) -> JSONResponse:
+    """Every error body has `message` (what a person reads); `detail` stays for old clients."""
+    headers = dict(getattr(exc, "headers", None) or {})
+    if exc.status_code == 405:
+        headers["Allow"] = _allowed_methods(req)
+    return JSONResponse(
+        status_code=exc.status_code,
+        content={"message": str(exc.detail), "detail": exc.detail},
+        headers=headers or None,
+    )
+
+
+ERROR_SCHEMA = {
+    "title": "Error",
+    "type": "object",
+    "required": ["message", "detail"],
+    "properties": {
+        "message": {"type": "string", "description": "What is wrong, naming the field."},
+        "detail": {
+            "anyOf": [
+                {"type": "string"},
+                {"type": "array", "items": {"$ref": "#/components/schemas/ValidationError"}},
+            ]
+        },
+    },
+}
+
+
+def _openapi(app: FastAPI):
+    """FastAPI's schema, with every error response documented as the body it really is:
+    `{message, detail}` (see _http_error and _validation_error)."""
+
+    def build() -> dict:
+        if app.openapi_schema:
+            return app.openapi_schema
+        doc = get_openapi(
+            title=app.title, version=app.version, description=app.description, routes=app.routes
+        )
+        doc.setdefault("components", {}).setdefault("schemas", {})
+        doc["components"]["schemas"]["HTTPValidationError"] = ERROR_SCHEMA
+        ref = {"$ref": "#/components/schemas/HTTPValidationError"}
+        for item in doc["paths"].values():
+            for op in item.values():
+                responses = op.setdefault("responses", {})
+                if "requestBody" in op:
+                    responses.setdefault("400", {"description": "The body could not be parsed."})
+                if op.get("security"):
+                    responses.setdefault("401", {"description": "No valid API token."})
+                    responses.setdefault("403", {"description": "The token lacks the scope."})
+                for status, resp in responses.items():
+                    if status[0] in "45":
+                        body = resp.setdefault("content", {}).setdefault("application/json", {})
+                        body.setdefault("schema", ref)
+        app.openapi_schema = doc
+        return doc
+
+    return build
+
+
 def create_app(settings: Settings | None = None) -> FastAPI:
     settings = settings or get_settings()
 
@@ -41,16 +131,23 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app = FastAPI(
         title="quantfoundry",
         version="0.1.0",
-        description="Batch quantization of LLMs: submit a job, watch it, fetch the artifact.",
+        description=DESCRIPTION,
         lifespan=lifespan,
     )
     app.state.settings = settings
     app.state.session_factory = session_factory(settings.database_url)
+    app.state.token_pepper = pepper(settings)
+    registry = CollectorRegistry(auto_describe=False)
+    registry.register(DatabaseCollector(app.state.session_factory))
+    app.state.metrics = registry
     app.add_exception_handler(RequestValidationError, _validation_error)
+    app.add_exception_handler(StarletteHTTPException, _http_error)
 
-    @app.get("/healthz", tags=["ops"])
-    def healthz() -> dict[str, str]:
-        return {"status": "ok"}
-
+    app.include_router(routes_ops.router)
     app.include_router(routes_jobs.router)
+    app.include_router(routes_uploads.router)
+    app.include_router(routes_tokens.router)
+    app.include_router(routes_hooks.router)
+    routes_dashboard.install(app)
+    app.openapi = _openapi(app)
     return app

@@ -1,11 +1,17 @@
 """Quality, time and memory of our methods on SmolLM2-135M-Instruct, printed as a table.
 
     python -m bench.quality [--configs rtn-w4g64a,gptq-w4g64a,...] [--samples 16] [--windows 16]
+        [--llmc-python .quantfoundry/llmc-venv/bin/python]
 
 Each configuration runs in its own process so that its peak RSS is its own. Perplexity uses the
 GPTQ-paper protocol on the held-out articles; KL and top-1 agreement are against the base model
 on the same windows. SmolLM2's weights are dequantized Q4_1 (g32, float minimum), so group-32
 asymmetric RTN would be lossless by construction and is not among the configurations.
+
+With `--llmc-python` (a Python whose venv has `llmcompressor`; by default
+`.quantfoundry/llmc-venv/bin/python` when it exists), each configuration also runs through
+llm-compressor (bench/llmc_child.py) on the very same calibration and evaluation tokens, and a
+second table sets the two side by side.
 """
 
 from __future__ import annotations
@@ -16,6 +22,7 @@ import os
 import resource
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -29,7 +36,9 @@ METHODS = ("rtn", "gptq", "awq")
 DEFAULT = [f"{m}-{s}" for s in SCHEMES for m in METHODS]
 
 
-def run_one(config: str, samples: int, windows: int, seq_len: int) -> dict:
+def run_one(
+    config: str, samples: int, windows: int, seq_len: int, tokens_out: str | None = None
+) -> dict:
     import copy
 
     from huggingface_hub import constants
@@ -48,10 +57,14 @@ def run_one(config: str, samples: int, windows: int, seq_len: int) -> dict:
     method, scheme = config.split("-", 1)
     bits, group, sym = SCHEMES[scheme]
     smollm2.prepare(Path(constants.HF_HUB_CACHE))
-    model, tok, _ = load_causal_lm(smollm2.REPO_ID)
+    model, tok, snapshot = load_causal_lm(smollm2.REPO_ID)
     tokens = evaluation_tokens(tok)
     base = perplexity(model, tokens, seq_len, windows)
     cal = calibration_samples(tok, "wiki-excerpt", samples, seq_len, seed=0)
+    if tokens_out:  # for llm-compressor: the same tokens on both sides
+        import torch
+
+        torch.save({"calibration": cal, "evaluation": tokens}, tokens_out)
     quant = copy.deepcopy(model)
     impl = {"rtn": RTN, "gptq": lambda: GPTQ(act_order=True), "awq": AWQ}[method]()
     t0 = time.perf_counter()
@@ -60,6 +73,7 @@ def run_one(config: str, samples: int, windows: int, seq_len: int) -> dict:
     q = perplexity(quant, tokens, seq_len, windows)
     agr = agreement(model, quant, tokens, seq_len, windows)
     return {
+        "snapshot": str(snapshot),
         "config": config,
         "ppl_base": base.ppl,
         "ppl_quant": q.ppl,
@@ -77,12 +91,16 @@ def main() -> None:
     ap.add_argument("--samples", type=int, default=16)
     ap.add_argument("--windows", type=int, default=16)
     ap.add_argument("--seq-len", type=int, default=512)
+    default_llmc = Path(".quantfoundry/llmc-venv/bin/python")
+    ap.add_argument("--llmc-python", default=str(default_llmc) if default_llmc.exists() else None)
     ap.add_argument("--one", help=argparse.SUPPRESS)
+    ap.add_argument("--tokens-out", help=argparse.SUPPRESS)
     a = ap.parse_args()
     if a.one:
-        print(json.dumps(run_one(a.one, a.samples, a.windows, a.seq_len)))
+        print(json.dumps(run_one(a.one, a.samples, a.windows, a.seq_len, a.tokens_out)))
         return
-    rows = []
+    rows, llmc_rows = [], {}
+    tokens_file = Path(tempfile.mkdtemp(prefix="qf-quality-")) / "tokens.pt"
     for config in a.configs.split(","):
         cmd = [
             sys.executable,
@@ -96,6 +114,8 @@ def main() -> None:
             str(a.windows),
             "--seq-len",
             str(a.seq_len),
+            "--tokens-out",
+            str(tokens_file),
         ]
         out = subprocess.run(cmd, capture_output=True, text=True, env=os.environ.copy())
         if out.returncode != 0:
@@ -103,6 +123,17 @@ def main() -> None:
             continue
         rows.append(json.loads(out.stdout.strip().splitlines()[-1]))
         print(f"done {config}", file=sys.stderr, flush=True)
+        if a.llmc_python:
+            child = Path(__file__).with_name("llmc_child.py")
+            # -P: bench/ must not shadow packages (bench/kernels.py vs the `kernels` library).
+            cmd = [a.llmc_python, "-P", str(child), rows[-1]["snapshot"], str(tokens_file), config]
+            cmd += [str(a.windows), str(a.seq_len)]
+            out = subprocess.run(cmd, capture_output=True, text=True, env=os.environ.copy())
+            if out.returncode != 0:
+                print(f"{config} (llm-compressor): failed\n{out.stderr[-3000:]}", file=sys.stderr)
+                continue
+            llmc_rows[config] = json.loads(out.stdout.strip().splitlines()[-1])
+            print(f"done {config} (llm-compressor)", file=sys.stderr, flush=True)
     print(
         f"SmolLM2-135M-Instruct, calibration {a.samples}x{a.seq_len} tokens, "
         f"evaluation {a.windows}x{a.seq_len} held-out tokens; GPTQ with act-order "
@@ -119,6 +150,31 @@ def main() -> None:
             f"{r['config']:<14}{r['ppl_base']:>10.3f}{r['ppl_quant']:>11.3f}"
             f"{r['change_pct']:>+8.2f}%{r['kl']:>9.4f}{r['top1']:>8.3f}"
             f"{r['quantize_s']:>8.1f}{r['peak_rss_mb']:>13.0f}"
+        )
+    if llmc_rows:
+        _side_by_side(rows, llmc_rows)
+
+
+def _side_by_side(rows: list[dict], llmc: dict[str, dict]) -> None:
+    """Ours next to llm-compressor's on the same tokens; ratios are ours / theirs."""
+    print()
+    print("quantfoundry vs llm-compressor (same calibration and evaluation tokens)")
+    head = (
+        f"{'config':<14}{'change ours':>12}{'theirs':>9}{'KL ours':>9}{'theirs':>9}"
+        f"{'KL ratio':>9}{'top-1 ours':>11}{'theirs':>8}{'time ours':>10}{'theirs':>8}"
+        f"{'time ratio':>11}"
+    )
+    print(head)
+    print("-" * len(head))
+    for r in rows:
+        t = llmc.get(r["config"])
+        if t is None:
+            continue
+        print(
+            f"{r['config']:<14}{r['change_pct']:>+11.2f}%{t['change_pct']:>+8.2f}%"
+            f"{r['kl']:>9.4f}{t['kl']:>9.4f}{r['kl'] / t['kl']:>9.2f}"
+            f"{r['top1']:>11.3f}{t['top1']:>8.3f}{r['quantize_s']:>10.1f}"
+            f"{t['quantize_s']:>8.1f}{r['quantize_s'] / t['quantize_s']:>11.2f}"
         )
 
 

@@ -29,7 +29,8 @@ def make_engine(url: str) -> Engine:
             cur.close()
 
         return engine
-    return create_engine(url, pool_pre_ping=True)
+    # Room for the API's worker threads (40 by default) without queueing on the pool.
+    return create_engine(url, pool_pre_ping=True, pool_size=10, max_overflow=30)
 
 
 _engines: dict[str, Engine] = {}

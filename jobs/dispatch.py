@@ -15,9 +15,11 @@ from sqlalchemy import select
 from sqlalchemy.orm import Session, sessionmaker
 
 from jobs import lifecycle
-from jobs.models import OutboxEntry, utcnow
+from jobs.models import Job, OutboxEntry, utcnow
 from jobs.queue import enqueue
 from jobs.settings import Settings
+from jobs.termination import stop_overdue_cancels, stop_worker
+from jobs.webhooks import deliver_due
 
 log = logging.getLogger(__name__)
 Send = Callable[[Settings, str, str], None]
@@ -47,29 +49,66 @@ def send_pending(factory: sessionmaker, settings: Settings, send: Send = enqueue
     return sent
 
 
+def _lost_workers(session: Session, job_ids: list[str]) -> list[tuple[str, str | None]]:
+    """The workers that held the jobs just reaped, read in the reaping transaction (a new
+    attempt may claim a job, and record its own worker, as soon as that commits)."""
+    if not job_ids:
+        return []
+    return [
+        tuple(r) for r in session.execute(select(Job.id, Job.worker).where(Job.id.in_(job_ids)))
+    ]
+
+
 def tick(factory: sessionmaker, settings: Settings, send: Send = enqueue) -> dict[str, int]:
-    """One round: reap expired leases, re-queue lost messages, send the outbox."""
+    """One round: stop cancels past their grace period, reap expired leases, re-queue lost
+    messages, send the outbox."""
+    stopped = stop_overdue_cancels(factory, settings)
+    for job_id, how in stopped:
+        log.warning(
+            "job %s: still cancelling after %.0fs; %s", job_id, settings.cancel_grace_s, how
+        )
     with factory() as session, session.begin():
         reaped = lifecycle.reap_expired(session)
+        lost = _lost_workers(session, [job_id for job_id, _ in reaped])
         requeued = lifecycle.requeue_unclaimed(
             session, utcnow() - timedelta(seconds=settings.redispatch_after_s)
         )
     for job_id, action in reaped:
         log.warning("job %s: lease expired, %s", job_id, action)
+    for job_id, worker in lost:
+        # Hung rather than dead? Stop it so it frees its slot (its writes are fenced off).
+        # No revoke here: a redelivered message keeps the task id of the lost run.
+        log.warning("job %s: %s", job_id, stop_worker(settings, worker, None, revoke=None))
     for job_id in requeued:
         log.warning("job %s: queued but never taken; sending again", job_id)
     return {
+        "stopped": len(stopped),
         "reaped": len(reaped),
         "requeued": len(requeued),
         "sent": send_pending(factory, settings, send),
     }
 
 
+def _deliver_callbacks(factory: sessionmaker, settings: Settings, stop: threading.Event) -> None:
+    """Completion callbacks, in their own thread: a slow receiver never delays dispatching."""
+    while not stop.is_set():
+        try:
+            deliver_due(factory, settings)
+        except Exception:
+            log.exception("callback round failed")
+        stop.wait(settings.dispatch_interval_s)
+
+
 def run(factory: sessionmaker, settings: Settings, stop: threading.Event) -> None:
     log.info("dispatcher running every %.1fs", settings.dispatch_interval_s)
+    callbacks = threading.Thread(
+        target=_deliver_callbacks, args=(factory, settings, stop), daemon=True
+    )
+    callbacks.start()
     while not stop.is_set():
         try:
             tick(factory, settings)
         except Exception:  # the database may be restarting: keep going
             log.exception("dispatcher round failed")
         stop.wait(settings.dispatch_interval_s)
+    callbacks.join(timeout=settings.webhook_timeout_s + 5)

@@ -8,22 +8,40 @@ from __future__ import annotations
 
 import base64
 import json
+from dataclasses import dataclass
 from datetime import datetime, timedelta
 from typing import Any
 
 from sqlalchemy import and_, or_, select, update
 from sqlalchemy.orm import Session
 
-from jobs.models import Job, JobEvent, OutboxEntry, utcnow
+from jobs.models import Job, JobEvent, JobMeasurement, OutboxEntry, utcnow
 from jobs.spec import JobSpec
-from jobs.states import FailureReason, State, check_transition
+from jobs.states import TERMINAL, FailureReason, State, check_transition
+from jobs.webhooks import add_completion_delivery
 
 
 def create_job(
-    session: Session, spec: JobSpec, queue: str = "gpu-default", max_attempts: int = 3
+    session: Session,
+    spec: JobSpec,
+    queue: str = "gpu-default",
+    max_attempts: int = 3,
+    *,
+    team: str = "default",
+    owner: str | None = None,
+    idempotency_key: str | None = None,
+    request_hash: str | None = None,
+    natural_key: str | None = None,
 ) -> Job:
     """The job row, its first event and its outbox entry, in the caller's transaction."""
     job = Job(
+        team=team,
+        owner=owner,
+        idempotency_key=idempotency_key,
+        request_hash=request_hash,
+        natural_key=natural_key,
+        callback_url=spec.callback_url,
+        queued_at=utcnow(),
         model_id=spec.model_id,
         revision=spec.revision,
         method=spec.method.value,
@@ -83,6 +101,7 @@ def job_spec(job: Job) -> JobSpec:
         destination=job.destination,
         priority=job.priority,
         labels=job.labels,
+        callback_url=job.callback_url,
     )
 
 
@@ -103,16 +122,33 @@ def _fenced(
         if key in values:
             event[key.removeprefix("failure_")] = values[key]
     add_event(session, job_id, "state", event)
+    if dst == State.failed:
+        measure(session, job_id, "failure", values.get("failure_reason") or "internal", 1.0)
+    if dst in TERMINAL:
+        add_completion_delivery(session, job_id)
     return True
 
 
-def claim(session: Session, job_id: str, worker: str, lease_s: float = 120.0) -> int | None:
+def measure(session: Session, job_id: str, name: str, label: str, value: float) -> None:
+    """An append-only figure for /metrics (see jobs.models.JobMeasurement)."""
+    session.add(JobMeasurement(job_id=job_id, name=name, label=label[:64], value=value))
+
+
+def claim(
+    session: Session,
+    job_id: str,
+    worker: str,
+    lease_s: float = 120.0,
+    task_id: str | None = None,
+) -> int | None:
     """Move a queued job to running; returns the attempt number claimed, or None when the job
     is not claimable (already running elsewhere, finished, cancelled, unknown)."""
     job = session.get(Job, job_id)
     if job is None or job.state != State.queued.value:
         return None
     seen = job.attempt
+    now = utcnow()
+    queued_at = job.queued_at or job.created_at
     ok = _fenced(
         session,
         job_id,
@@ -121,13 +157,20 @@ def claim(session: Session, job_id: str, worker: str, lease_s: float = 120.0) ->
         State.running,
         attempt=seen + 1,
         worker=worker,
-        started_at=utcnow(),
+        task_id=task_id,
+        started_at=now,
         phase="starting",
         progress_done=0,
         progress_total=0,
-        lease_expires_at=utcnow() + timedelta(seconds=lease_s),
+        lease_expires_at=now + timedelta(seconds=lease_s),
+        cancel_requested_at=None,
     )
-    return seen + 1 if ok else None
+    if not ok:
+        return None
+    if queued_at.tzinfo is None:  # SQLite returns naive datetimes (stored as UTC)
+        queued_at = queued_at.replace(tzinfo=now.tzinfo)
+    measure(session, job_id, "queue_wait", job.queue, max(0.0, (now - queued_at).total_seconds()))
+    return seen + 1
 
 
 def heartbeat(session: Session, job_id: str, attempt: int, lease_s: float) -> bool:
@@ -183,7 +226,7 @@ def _finish(session: Session, job_id: str, attempt: int, dst: State, **values: A
 
 
 def succeed(session: Session, job_id: str, attempt: int, results: dict[str, Any]) -> bool:
-    return _finish(
+    ok = _finish(
         session,
         job_id,
         attempt,
@@ -192,6 +235,11 @@ def succeed(session: Session, job_id: str, attempt: int, results: dict[str, Any]
         phase="done",
         lease_expires_at=None,
     )
+    if ok:
+        for phase, seconds in (results.get("seconds") or {}).items():
+            if isinstance(seconds, int | float):
+                measure(session, job_id, "phase", str(phase), float(seconds))
+    return ok
 
 
 def fail(session: Session, job_id: str, attempt: int, reason: FailureReason, message: str) -> bool:
@@ -228,7 +276,14 @@ def request_cancel(session: Session, job_id: str) -> Job:
             progress_message="cancelled before it started",
         )
     elif state == State.running:
-        ok = _fenced(session, job_id, State.running, job.attempt, State.cancelling)
+        ok = _fenced(
+            session,
+            job_id,
+            State.running,
+            job.attempt,
+            State.cancelling,
+            cancel_requested_at=utcnow(),
+        )
     elif state == State.cancelling:
         ok = True
     else:
@@ -282,6 +337,8 @@ def request_retry(session: Session, job_id: str, budget: int) -> Job:
         progress_total=0,
         progress_message="retry requested",
         max_attempts=job.attempt + budget,
+        queued_at=utcnow(),
+        cancel_requested_at=None,
     )
     if not ok:
         raise CancelRefused(f"job {job_id} changed state while retrying; retry")
@@ -324,6 +381,7 @@ def reap_expired(session: Session, now: datetime | None = None) -> list[tuple[st
                     attempt,
                     State.queued,
                     progress_message=f"attempt {attempt} lost its worker; retrying",
+                    queued_at=now,
                 )
                 session.add(OutboxEntry(job_id=job.id, queue=job.queue))
                 actions.append((job.id, "retrying"))
@@ -375,13 +433,97 @@ def decode_cursor(cursor: str) -> tuple[datetime, str]:
         raise ValueError("cursor is not one this API returned") from e
 
 
+@dataclass(frozen=True)
+class JobFilter:
+    """What GET /v1/jobs narrows to; every given condition must hold."""
+
+    team: str | None = None
+    states: tuple[str, ...] = ()
+    model_id: str | None = None
+    method: str | None = None
+    labels: tuple[tuple[str, str], ...] = ()
+
+
 def list_jobs(
-    session: Session, limit: int, cursor: str | None = None
+    session: Session, limit: int, cursor: str | None = None, where: JobFilter | None = None
 ) -> tuple[list[Job], str | None]:
     q = select(Job).order_by(Job.created_at.desc(), Job.id.desc())
+    where = where or JobFilter()
+    if where.team is not None:
+        q = q.where(Job.team == where.team)
+    if where.states:
+        q = q.where(Job.state.in_(where.states))
+    if where.model_id:
+        q = q.where(Job.model_id == where.model_id)
+    if where.method:
+        q = q.where(Job.method == where.method)
+    for key, value in where.labels:
+        q = q.where(Job.labels[key].as_string() == value)
     if cursor:
         created, job_id = decode_cursor(cursor)
         q = q.where(or_(Job.created_at < created, and_(Job.created_at == created, Job.id < job_id)))
     rows = list(session.scalars(q.limit(limit + 1)))
     nxt = encode_cursor(rows[limit - 1]) if len(rows) > limit else None
     return rows[:limit], nxt
+
+
+def overdue_cancels(session: Session, asked_before: datetime) -> list[Job]:
+    """Jobs still cancelling although the cancel was asked before `asked_before`."""
+    return list(
+        session.scalars(
+            select(Job).where(
+                Job.state == State.cancelling.value, Job.cancel_requested_at < asked_before
+            )
+        )
+    )
+
+
+def cancel_after_grace(session: Session, job_id: str, attempt: int, how: str) -> bool:
+    """End a cancel whose worker did not stop in its grace period (its process was stopped)."""
+    return _fenced(
+        session,
+        job_id,
+        State.cancelling,
+        attempt,
+        State.cancelled,
+        finished_at=utcnow(),
+        phase="cancelled",
+        lease_expires_at=None,
+        progress_message=f"did not stop within the cancel grace period; {how}",
+    )
+
+
+# --- results and publishing (written by the worker after verification) ---
+
+
+def record_results(session: Session, job_id: str, attempt: int, results: dict[str, Any]) -> bool:
+    """Keep the verification figures on the job before the gate and publishing, so a gate
+    failure keeps them and a later attempt that finds its publish can finish without rerunning."""
+    res = session.execute(
+        update(Job)
+        .where(
+            Job.id == job_id,
+            Job.attempt == attempt,
+            Job.state.in_([State.running.value, State.cancelling.value]),
+        )
+        .values(results=results, updated_at=utcnow())
+    )
+    return res.rowcount == 1
+
+
+def record_publish(session: Session, job_id: str, attempt: int, commit: str, url: str) -> bool:
+    """Record where the artifact was published (fenced by attempt): from then on no attempt
+    of this job publishes again."""
+    res = session.execute(
+        update(Job)
+        .where(
+            Job.id == job_id,
+            Job.attempt == attempt,
+            Job.state.in_([State.running.value, State.cancelling.value]),
+        )
+        .values(publish_commit=commit, publish_url=url, updated_at=utcnow())
+    )
+    if res.rowcount != 1:
+        return False
+    add_event(session, job_id, "log", {"line": f"published {url} (commit {commit})"})
+    return True

@@ -23,7 +23,17 @@ class Settings(BaseSettings):
     database_url: str = Field(default="", description="SQLAlchemy URL; default SQLite in home.")
     broker_url: str = Field(default="", description="Celery broker; default SQLAlchemy in home.")
     artifact_dir: Path | None = Field(default=None, description="Local artifact sink directory.")
-    queue: str = Field(default="gpu-default", description="Celery queue jobs are sent to.")
+    queue_prefix: str = Field(
+        default="gpu",
+        pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]*$",
+        description="Jobs go to the Celery queue `{prefix}-{priority}` (gpu-high, gpu-default, "
+        "gpu-low).",
+    )
+    queue: str = Field(
+        default="",
+        description="The queues a worker takes jobs from, comma-separated, most urgent first; "
+        "default: all three priority queues of queue_prefix.",
+    )
     device: str = Field(default="auto", description="Compute device for workers: auto|cpu|cuda.")
     lease_s: float = Field(
         default=120.0,
@@ -43,6 +53,45 @@ class Settings(BaseSettings):
     progress_interval_s: float = Field(
         default=0.5, description="Least seconds between two progress writes of one job."
     )
+    cancel_grace_s: float = Field(
+        default=300.0,
+        gt=0,
+        description="A running job still cancelling this long after the cancel was asked has "
+        "its worker process killed (the slot is freed) and becomes cancelled.",
+    )
+    job_time_limit_s: float = Field(
+        default=6 * 3600.0,
+        gt=0,
+        description="A job still running after this long fails with reason timeout.",
+    )
+    broker_visibility_timeout_s: float | None = Field(
+        default=None,
+        description="Redis redelivers an unacknowledged message after this long; must exceed "
+        "the job time limit (default: the limit plus one hour).",
+    )
+    token_pepper: str = Field(
+        default="",
+        description="Server-side secret API tokens are hashed with (HMAC-SHA256). Required "
+        "outside the embedded default, where a random one is kept in home/token-pepper.",
+    )
+    calibration_max_bytes: int = Field(
+        default=32 * 1024 * 1024, ge=1, description="Largest calibration upload."
+    )
+    hf_webhook_secret: str = Field(
+        default="",
+        description="Secret the Hub sends in X-Webhook-Secret to POST /v1/hooks/hf "
+        "(unset: the endpoint refuses every call).",
+    )
+    webhook_secret: str = Field(
+        default="",
+        description="Signing secret of completion callbacks (Standard Webhooks, `whsec_` + "
+        "base64); jobs with a callback_url are refused while it is unset.",
+    )
+    webhook_max_attempts: int = Field(default=8, ge=1, description="Callback delivery tries.")
+    webhook_backoff_s: float = Field(
+        default=5.0, gt=0, description="First retry delay of a callback; doubles each time."
+    )
+    webhook_timeout_s: float = Field(default=10.0, gt=0, description="Callback HTTP timeout.")
 
     @model_validator(mode="after")
     def _embedded_defaults(self) -> Settings:
@@ -52,7 +101,24 @@ class Settings(BaseSettings):
             self.broker_url = f"sqla+sqlite:///{self.home / 'broker.db'}"
         if self.artifact_dir is None:
             self.artifact_dir = self.home / "artifacts"
+        if self.broker_visibility_timeout_s is None:
+            self.broker_visibility_timeout_s = self.job_time_limit_s + 3600.0
+        if self.broker_visibility_timeout_s <= self.job_time_limit_s + 60:
+            # Redis would hand a still-running job's message to a second worker.
+            raise ValueError(
+                f"broker_visibility_timeout_s ({self.broker_visibility_timeout_s:.0f}) must "
+                f"exceed job_time_limit_s ({self.job_time_limit_s:.0f}) plus 60 s"
+            )
         return self
+
+    def worker_queues(self) -> list[str]:
+        """The queues a worker consumes, most urgent first."""
+        if self.queue.strip():
+            return [q.strip() for q in self.queue.split(",") if q.strip()]
+        return [f"{self.queue_prefix}-{p}" for p in ("high", "default", "low")]
+
+    def queue_for(self, priority: str) -> str:
+        return f"{self.queue_prefix}-{priority}"
 
     def ensure_dirs(self) -> None:
         self.home.mkdir(parents=True, exist_ok=True)

@@ -236,6 +236,14 @@ class JobSpec(BaseModel):
     destination: Destination = Field(default_factory=Destination)
     priority: Literal["high", "default", "low"] = "default"
     labels: dict[str, str] = Field(default_factory=dict, max_length=32)
+    callback_url: str | None = Field(
+        default=None,
+        max_length=2000,
+        pattern=r"^https?://[^\s/?#]+[^\s]*$",
+        examples=["https://ci.example.com/hooks/quantfoundry"],
+        description="POSTed when the job ends (succeeded, failed, cancelled), signed per "
+        "Standard Webhooks (webhook-id, webhook-timestamp, webhook-signature headers).",
+    )
 
     @field_validator("ignore")
     @classmethod

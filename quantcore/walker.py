@@ -1,16 +1,18 @@
 """The layer walker: quantize a model one decoder block at a time.
 
-Captures the inputs of the first block, then for each block: moves it to the compute device,
-lets the method quantize its Linears (running the block over the captured inputs when the
-method needs statistics), runs the quantized block to produce the next block's inputs, and
-moves it back. Only one block's weights are on the device at a time.
+Captures the inputs of the first block, then for each block: brings its weights to the compute
+device (from the snapshot's shards when the model is a `LazyModel` skeleton), lets the method
+quantize its Linears (running the block over the captured inputs when the method needs
+statistics), runs the quantized block to produce the next block's inputs, keeps what changed
+and lets the block go. Only one block's weights are on the device, and with a lazy model only
+one block's float weights are in host memory too.
 """
 
 from __future__ import annotations
 
 import time
-from collections.abc import Callable
-from dataclasses import dataclass
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
 
 import torch
 from torch import nn
@@ -18,6 +20,7 @@ from torch import nn
 from quantcore.checkpoint import LayerCheckpoint
 from quantcore.errors import CancelledError
 from quantcore.methods.base import LayerMethod, SchemeMap, relative_error
+from quantcore.models.lazy import LazyModel
 from quantcore.models.loading import decoder_layers, linear_modules
 from quantcore.qtensor import QuantizedWeight
 
@@ -39,6 +42,21 @@ class LayerEvent:
     num_layers: int
     output_error: float
     seconds: float
+
+
+@dataclass
+class WalkResult:
+    """What the walk produced.
+
+    quantized: Linear name -> QuantizedWeight (read from the checkpoint's files on access when
+        the walk had one, so holding it costs no memory).
+    replaced: full tensor name -> float tensor of a block that the method changed but did not
+        quantize (AWQ folds into norms, or into Linears left in floating point).
+    """
+
+    quantized: Mapping[str, QuantizedWeight]
+    replaced: dict[str, torch.Tensor] = field(default_factory=dict)
+    num_layers: int = 0
 
 
 class _Captured(Exception):
@@ -100,13 +118,31 @@ def _modules_before_blocks(model: nn.Module, blocks: nn.ModuleList) -> list[nn.M
     return out
 
 
+def _capture_lazy(
+    lazy: LazyModel, blocks: nn.ModuleList, samples: torch.Tensor, batch_size: int, device
+) -> list[_Batch]:
+    """First-block inputs of a lazy model: its weights outside the blocks (embeddings and
+    whatever else runs before them; not an untied output head) are read for this step only."""
+    head = lazy.model.get_output_embeddings()
+    embed = lazy.model.get_input_embeddings()
+    tied = head is not None and head.weight is embed.weight
+    parts = [m for m in lazy.outside(blocks) if tied or m is not head]
+    for m in parts:
+        lazy.materialize(m, "cpu")
+    try:
+        return capture_block_inputs(lazy.model, blocks, samples, batch_size, device)
+    finally:
+        for m in parts:
+            lazy.release(m)
+
+
 def _run_block(block: nn.Module, batches: list[_Batch]) -> list[torch.Tensor]:
     return [_first_output(block(x.hidden, **x.kwargs)) for x in batches]
 
 
 @torch.no_grad()
 def quantize_model(
-    model: nn.Module,
+    model: nn.Module | LazyModel,
     samples: torch.Tensor,
     method: LayerMethod,
     schemes: SchemeMap,
@@ -116,41 +152,137 @@ def quantize_model(
     on_layer: Callable[[LayerEvent], None] | None = None,
     should_cancel: Callable[[], bool] | None = None,
     checkpoint: LayerCheckpoint | None = None,
-) -> dict[str, QuantizedWeight]:
-    """Quantize every decoder-block Linear of `model` in place (weights become their
-    dequantized values) and return the quantized weights by full module name.
+) -> Mapping[str, QuantizedWeight]:
+    """`walk`'s quantized weights by full module name (see `walk`)."""
+    return walk(
+        model,
+        samples,
+        method,
+        schemes,
+        device=device,
+        batch_size=batch_size,
+        on_module=on_module,
+        on_layer=on_layer,
+        should_cancel=should_cancel,
+        checkpoint=checkpoint,
+    ).quantized
 
-    With a `checkpoint`, each finished layer is saved, and layers an earlier run finished are
-    restored instead of being quantized again.
+
+@torch.no_grad()
+def walk(
+    model: nn.Module | LazyModel,
+    samples: torch.Tensor,
+    method: LayerMethod,
+    schemes: SchemeMap,
+    *,
+    device: str | torch.device = "cpu",
+    batch_size: int = 8,
+    on_module: Callable[[ModuleEvent], None] | None = None,
+    on_layer: Callable[[LayerEvent], None] | None = None,
+    should_cancel: Callable[[], bool] | None = None,
+    checkpoint: LayerCheckpoint | None = None,
+) -> WalkResult:
+    """Quantize every decoder-block Linear that `schemes` selects.
+
+    An `nn.Module` is quantized in place: its weights become their dequantized values, and it
+    stays whole in memory. A `LazyModel` is read block by block from its snapshot and keeps
+    nothing: each block's float weights are released once the block is done.
+
+    With a `checkpoint`, each finished layer (quantized weights, changed floats, the next
+    layer's inputs) is saved, layers an earlier run finished are restored instead of being
+    quantized again, and the returned quantized weights are read from its files on access.
     """
-    prefix, blocks = decoder_layers(model)
+    lazy = model if isinstance(model, LazyModel) else None
+    module = lazy.model if lazy is not None else model
+    prefix, blocks = decoder_layers(module)
     n = len(blocks)
-    batches = capture_block_inputs(model, blocks, samples, batch_size, device)
-    result: dict[str, QuantizedWeight] = {}
+    if lazy is not None:
+        batches = _capture_lazy(lazy, blocks, samples, batch_size, device)
+    else:
+        batches = capture_block_inputs(module, blocks, samples, batch_size, device)
+    kept: dict[str, QuantizedWeight] = {}
+    replaced: dict[str, torch.Tensor] = {}
     start = checkpoint.layers_done if checkpoint is not None else 0
     if start:
         for i in range(start):
-            state, quantized = checkpoint.load_layer(i)
-            blocks[i].load_state_dict(state)
-            result.update({f"{prefix}.{i}.{k}": qw for k, qw in quantized.items()})
+            quantized, changed = checkpoint.load_layer(i)
+            replaced.update(changed)
+            if lazy is None:
+                _install(module, f"{prefix}.{i}", quantized, changed)
         for x, h in zip(batches, checkpoint.load_inputs(), strict=True):
             x.hidden = h.to(device)
     for i in range(start, n):
         block = blocks[i]
+        name = f"{prefix}.{i}"
         if should_cancel is not None and should_cancel():
             raise CancelledError(f"cancelled before layer {i + 1} of {n}")
         t0 = time.perf_counter()
-        block.to(device)
-        quantized, err = _quantize_block(
-            block, f"{prefix}.{i}", i + 1, n, batches, method, schemes, on_module
-        )
-        result.update({f"{prefix}.{i}.{k}": qw.to("cpu") for k, qw in quantized.items()})
-        block.to("cpu")
+        if lazy is not None:
+            lazy.materialize(block, device)
+        else:
+            block.to(device)
+        before = _unquantized_tensors(block, name, schemes)
+        quantized, err = _quantize_block(block, name, i + 1, n, batches, method, schemes, on_module)
+        quantized = {f"{name}.{k}": qw.to("cpu") for k, qw in quantized.items()}
+        changed = _changed(block, name, before, lazy)
+        replaced.update(changed)
+        if lazy is not None:
+            lazy.release(block)
+        else:
+            block.to("cpu")
         if checkpoint is not None:
-            checkpoint.save_layer(i, block.state_dict(), quantized, [x.hidden for x in batches])
+            checkpoint.save_layer(i, quantized, changed, [x.hidden for x in batches])
+        else:
+            kept.update(quantized)
+        del quantized, before
         if on_layer is not None:
             on_layer(LayerEvent(i + 1, n, err, time.perf_counter() - t0))
-    return result
+    result = checkpoint.quantized() if checkpoint is not None else kept
+    return WalkResult(result, replaced, n)
+
+
+def _unquantized_tensors(
+    block: nn.Module, name: str, schemes: SchemeMap
+) -> dict[str, torch.Tensor]:
+    """Copies of the block's parameters that will not be quantized (norms, biases, Linears
+    left in floating point): a method may still change them, and then they must be kept."""
+    quantized = {
+        f"{sub}.weight"
+        for sub in linear_modules(block)
+        if schemes.scheme_for(f"{name}.{sub}") is not None
+    }
+    return {k: p.detach().clone() for k, p in block.named_parameters() if k not in quantized}
+
+
+def _changed(
+    block: nn.Module, name: str, before: dict[str, torch.Tensor], lazy: LazyModel | None
+) -> dict[str, torch.Tensor]:
+    """The block's tensors that differ from `before`, by the name the snapshot stores them."""
+    params = dict(block.named_parameters())
+    out = {}
+    for k, old in before.items():
+        p = params[k]
+        if not torch.equal(old, p):
+            stored = lazy.stored_name(p) if lazy is not None else None
+            out[stored or f"{name}.{k}"] = p.detach().to("cpu", copy=True)
+    return out
+
+
+@torch.no_grad()
+def _install(
+    model: nn.Module,
+    name: str,
+    quantized: Mapping[str, QuantizedWeight],
+    changed: dict[str, torch.Tensor],
+) -> None:
+    """Put a checkpointed layer back into an in-memory model: dequantized weights and the
+    floats the method changed, exactly as the run that saved it left them."""
+    for full, qw in quantized.items():
+        w = model.get_submodule(full).weight
+        w.copy_(qw.dequantize(w.dtype))
+    params = dict(model.named_parameters())
+    for full, t in changed.items():
+        params[full].copy_(t)
 
 
 def _quantize_block(

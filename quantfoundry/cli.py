@@ -15,6 +15,10 @@ from quantfoundry import client_cli, local_cli
 app = typer.Typer(no_args_is_help=True, add_completion=False, help=__doc__)
 db_app = typer.Typer(no_args_is_help=True, help="Database schema (Alembic).")
 app.add_typer(db_app, name="db")
+token_app = typer.Typer(
+    no_args_is_help=True, help="API tokens, written directly to the database (bootstrap)."
+)
+app.add_typer(token_app, name="token")
 console = Console(stderr=True, soft_wrap=True)
 
 
@@ -61,22 +65,30 @@ def serve(host: str = "127.0.0.1", port: int = 8000) -> None:
 
 @app.command()
 def worker(
+    queues: str = typer.Option(
+        None,
+        help="Queues to take jobs from, most urgent first (e.g. gpu-high,gpu-default); "
+        "default QF_QUEUE, else all three priority queues of QF_QUEUE_PREFIX.",
+        show_default=False,
+    ),
     pool: str = typer.Option(
         "prefork", help="Celery pool: prefork (a fresh process per job) or solo (in this process)."
     ),
     loglevel: str = "INFO",
 ) -> None:
-    """Run a Celery worker that takes jobs from QF_QUEUE."""
+    """Run a Celery worker: one job at a time, each in a fresh child process."""
     from workers.celery_app import app as celery_app
 
     _require_migrated()
     s = get_settings()
     s.ensure_dirs()
+    chosen = [q.strip() for q in queues.split(",") if q.strip()] if queues else s.worker_queues()
+    console.print(f"taking jobs from {', '.join(chosen)}")
     celery_app.worker_main(
         [
             "worker",
             "-Q",
-            s.queue,
+            ",".join(chosen),
             "--pool",
             pool,
             "--concurrency",
@@ -108,6 +120,56 @@ def dispatcher() -> None:
     for sig in (signal.SIGTERM, signal.SIGINT):
         signal.signal(sig, lambda *_: stop.set())
     dispatch.run(session_factory(s.database_url), s, stop)
+
+
+@token_app.command("create")
+def token_create(
+    team: str = typer.Option(..., help="The team whose jobs the token sees."),
+    scopes: str = typer.Option(..., help="Comma-separated: submit, read, admin."),
+    name: str = typer.Option(None, help="A name to recognise it by (default: generated)."),
+) -> None:
+    """Create an API token and print it (on stdout, this once: only its hash is stored)."""
+    from jobs.auth import TokenError, create_token, pepper
+    from jobs.db import session_scope
+
+    _require_migrated()
+    s = get_settings()
+    try:
+        with session_scope(s.database_url) as session:
+            row, plain = create_token(session, pepper(s), team, scopes, name, created_by="cli")
+            desc = f"token {row.name} ({row.id}) for team {row.team}: {', '.join(row.scopes)}"
+    except (TokenError, RuntimeError) as e:
+        console.print(f"[red]{e}[/red]")
+        raise typer.Exit(2) from e
+    console.print(f"{desc}; shown once, keep it now:")
+    print(plain)
+
+
+@token_app.command("list")
+def token_list() -> None:
+    """Every token: id, name, team, scopes, whether revoked (never the token)."""
+    from jobs.auth import list_tokens
+    from jobs.db import session_scope
+
+    _require_migrated()
+    with session_scope(get_settings().database_url) as session:
+        for t in list_tokens(session):
+            state = f"revoked {t.revoked_at:%Y-%m-%d %H:%M}" if t.revoked_at else "active"
+            print(f"{t.id}  {t.name}  team={t.team}  {','.join(t.scopes)}  {t.prefix}...  {state}")
+
+
+@token_app.command("revoke")
+def token_revoke(token_id: str) -> None:
+    """Revoke a token by id; it stops working at once."""
+    from jobs.auth import revoke_token
+    from jobs.db import session_scope
+
+    _require_migrated()
+    with session_scope(get_settings().database_url) as session:
+        if revoke_token(session, token_id) is None:
+            console.print(f"[red]no token with id {token_id}[/red]")
+            raise typer.Exit(5)
+    console.print(f"token {token_id} revoked")
 
 
 @app.command("prepare-model")

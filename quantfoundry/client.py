@@ -126,9 +126,12 @@ class Client:
             raise ApiError(r.status_code, _message(r))
         return r.json() if r.content else None
 
-    def submit(self, spec: dict[str, Any], idempotency_key: str | None = None) -> dict[str, Any]:
+    def submit(
+        self, spec: dict[str, Any], idempotency_key: str | None = None, dedupe: str | None = None
+    ) -> dict[str, Any]:
         headers = {"Idempotency-Key": idempotency_key} if idempotency_key else {}
-        return self.request("POST", "/v1/jobs", json=spec, headers=headers)
+        params = {"dedupe": dedupe} if dedupe else {}
+        return self.request("POST", "/v1/jobs", json=spec, headers=headers, params=params)
 
     def list_jobs(self, **filters: Any) -> dict[str, Any]:
         params = {k: v for k, v in filters.items() if v not in (None, [], ())}

@@ -16,11 +16,12 @@ from typing import Annotated, Any
 import typer
 from rich.console import Console
 from rich.progress import BarColumn, Progress, TaskID, TextColumn, TimeElapsedColumn
-from rich.table import Table
+from rich.table import Column, Table
 
 from quantfoundry.client import TERMINAL, ApiError, Client, ConfigError, Event, load_config
 
-out = Console(soft_wrap=True)
+# Piped output (scripts, CI logs) gets wide tables instead of rich's 80-column default.
+out = Console(soft_wrap=True, width=None if sys.stdout.isatty() else 160)
 err = Console(stderr=True, soft_wrap=True)
 
 EXIT_BAD_INPUT, EXIT_CANCELLED, EXIT_AUTH, EXIT_NOT_FOUND, EXIT_API = 2, 3, 4, 5, 6
@@ -220,6 +221,10 @@ def register(app: typer.Typer) -> None:
         idempotency_key: Annotated[
             str | None, typer.Option(help="Re-running with the same key returns the same job.")
         ] = None,
+        dedupe: Annotated[
+            str | None,
+            typer.Option(help="natural: reuse the team's job with the same recipe, if any."),
+        ] = None,
         wait: Annotated[bool, typer.Option(help="Watch the job to its end.")] = False,
         api_url: UrlOpt = None,
         token: TokenOpt = None,
@@ -244,7 +249,7 @@ def register(app: typer.Typer) -> None:
         )
         with _client(api_url, token) as c:
             try:
-                job = c.submit(spec, idempotency_key)
+                job = c.submit(spec, idempotency_key, dedupe)
                 if not wait:
                     _print_json(job) if as_json else out.print(job["id"])
                     return
@@ -282,7 +287,9 @@ def register(app: typer.Typer) -> None:
         if as_json:
             _print_json(page)
             return
-        t = Table("id", "state", "model", "scheme", "progress", "created")
+        t = Table("state", "model", "scheme", "progress", "created")
+        # Full ids, never wrapped: people copy them into the next command.
+        t.columns.insert(0, Column("id", no_wrap=True, min_width=32))
         for j in page["items"]:
             t.add_row(
                 j["id"],

@@ -46,7 +46,8 @@ def _wait_healthy(url: str, proc: subprocess.Popen, log: Path, timeout: float = 
 def run_demo(bits: int, group_size: int, symmetric: bool, port: int) -> int:
     from huggingface_hub import constants
 
-    from jobs.db import upgrade
+    from jobs.auth import create_token, pepper
+    from jobs.db import session_scope, upgrade
     from quantcore.models import smollm2
 
     settings = get_settings()
@@ -57,6 +58,12 @@ def run_demo(bits: int, group_size: int, symmetric: bool, port: int) -> int:
     with console.status("preparing SmolLM2-135M-Instruct in the local Hub cache"):
         smollm2.prepare(Path(constants.HF_HUB_CACHE))
     upgrade(settings.database_url)
+    # The API wants a token: the demo makes its own (as `quantfoundry token create` would).
+    with session_scope(settings.database_url) as session:
+        _row, token = create_token(
+            session, pepper(settings), "demo", "submit,read", name="demo", created_by="demo"
+        )
+    auth = {"Authorization": f"Bearer {token}"}
 
     logs = settings.home / "logs"
     logs.mkdir(exist_ok=True)
@@ -76,7 +83,7 @@ def run_demo(bits: int, group_size: int, symmetric: bool, port: int) -> int:
             "calibration": {"dataset": "wiki-excerpt", "n_samples": 16, "seq_len": 512, "seed": 0},
             "evaluation": {"seq_len": 512, "max_windows": 16},
         }
-        r = httpx.post(f"{url}/v1/jobs", json=spec, timeout=30)
+        r = httpx.post(f"{url}/v1/jobs", json=spec, headers=auth, timeout=30)
         if r.status_code != 201:
             console.print(f"[red]submit failed ({r.status_code}):[/red] {r.text}")
             return 1
@@ -85,7 +92,7 @@ def run_demo(bits: int, group_size: int, symmetric: bool, port: int) -> int:
             f"submitted job {job['id']}: rtn w{bits} g{group_size} "
             f"{'sym' if symmetric else 'asym'} on {smollm2.REPO_ID}"
         )
-        job = _watch(url, job["id"], worker, logs / "worker.log")
+        job = _watch(url, job["id"], auth, worker, logs / "worker.log")
         return _report(job)
     finally:
         for p in (api, worker, dispatcher):
@@ -99,7 +106,12 @@ def run_demo(bits: int, group_size: int, symmetric: bool, port: int) -> int:
 
 
 def _watch(
-    url: str, job_id: str, worker: subprocess.Popen, log: Path, timeout: float = 900
+    url: str,
+    job_id: str,
+    auth: dict[str, str],
+    worker: subprocess.Popen,
+    log: Path,
+    timeout: float = 900,
 ) -> dict:
     columns = (
         TextColumn("{task.description:<13}"),
@@ -111,7 +123,7 @@ def _watch(
         tasks: dict[str, int] = {}
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
-            job = httpx.get(f"{url}/v1/jobs/{job_id}", timeout=10).json()
+            job = httpx.get(f"{url}/v1/jobs/{job_id}", headers=auth, timeout=10).json()
             p = job["progress"]
             if p["phase"] and p["total"] and job["state"] == "running":
                 if p["phase"] not in tasks:

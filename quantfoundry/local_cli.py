@@ -77,6 +77,9 @@ def register(app: typer.Typer) -> None:
         override: Annotated[
             list[str], typer.Option(help="REGEX=BITS[:GROUP][:sym|asym] or REGEX=skip.")
         ] = [],  # noqa: B006
+        fmt: Annotated[
+            str, typer.Option("--format", help="pack-quantized (compressed-tensors) or gptq.")
+        ] = "pack-quantized",
         device: Annotated[str | None, typer.Option(help="cpu or cuda (default: best).")] = None,
         as_json: Annotated[bool, typer.Option("--json")] = False,
     ) -> None:
@@ -114,11 +117,11 @@ def register(app: typer.Typer) -> None:
                 )
 
             try:
-                result = run(req, out_dir, on_progress=on_progress, device=device)
+                result = run(req, out_dir, on_progress=on_progress, device=device, fmt=fmt)
             except QuantcoreError as e:
                 err.print(f"[red]{type(e).__name__}:[/red] {e}")
                 raise typer.Exit(2) from e
-        data = result.to_dict()
+        data = {k: v for k, v in result.to_dict().items() if k != "files"}
         if as_json:
             out.print_json(json.dumps(data, default=str))
         else:

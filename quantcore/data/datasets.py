@@ -1,25 +1,47 @@
-"""Token tensors for calibration and evaluation, from a named text source."""
+"""Token tensors for calibration and evaluation, from a named text source: the built-in
+Wikipedia excerpt, a Hub dataset, or a local file."""
 
 from __future__ import annotations
 
 import torch
 
-from quantcore.data import wiki_excerpt
+from quantcore.data import files, hub_datasets, wiki_excerpt
 from quantcore.errors import BadRequestError
 
 BUILTIN = "wiki-excerpt"
-DATASETS = (BUILTIN,)
+FILE = "file"
+DATASETS = (BUILTIN, FILE, *hub_datasets.HUB_DATASETS)
 
 
-def _texts(dataset: str, split: str) -> list[str]:
-    if dataset != BUILTIN:
-        raise BadRequestError(f"unknown calibration dataset {dataset!r}; available: {DATASETS}")
-    arts = (
-        wiki_excerpt.calibration_articles()
-        if split == "calibration"
-        else wiki_excerpt.evaluation_articles()
-    )
-    return [a.text for a in arts]
+def check_source(dataset: str, path: str | None, n_samples: int, seq_len: int) -> None:
+    """Cheap checks of a calibration source, before anything is loaded."""
+    if dataset not in DATASETS:
+        raise BadRequestError(
+            f"unknown calibration dataset {dataset!r}; available: {', '.join(DATASETS)}"
+        )
+    if n_samples < 1:
+        raise BadRequestError(f"calibration n_samples must be at least 1, got {n_samples}")
+    if seq_len < 2:
+        raise BadRequestError(f"calibration seq_len must be at least 2, got {seq_len}")
+    if dataset == FILE:
+        files.check_file(path)
+
+
+def _documents(dataset: str, split: str, path: str | None, text_field: str) -> list[str]:
+    if dataset == BUILTIN:
+        arts = (
+            wiki_excerpt.calibration_articles()
+            if split == "calibration"
+            else wiki_excerpt.evaluation_articles()
+        )
+        return [a.text for a in arts]
+    if dataset == FILE:
+        if split != "calibration":
+            raise BadRequestError("a calibration file cannot be the evaluation text")
+        return files.read_documents(path, text_field)
+    if dataset in hub_datasets.HUB_DATASETS:
+        return hub_datasets.load_documents(dataset, split)
+    raise BadRequestError(f"unknown dataset {dataset!r}; available: {', '.join(DATASETS)}")
 
 
 def _tokenize(tokenizer, text: str) -> torch.Tensor:
@@ -27,14 +49,43 @@ def _tokenize(tokenizer, text: str) -> torch.Tensor:
     return torch.tensor(ids, dtype=torch.long)
 
 
+def _enough_text(docs: list[str], n_samples: int, seq_len: int, seed: int) -> list[str]:
+    """For large sources (Hub datasets): documents in a seeded order, as many as give about
+    four times the characters the samples need (~4 characters a token), so a 300k-document
+    shard is not tokenized whole."""
+    want = 16 * n_samples * seq_len
+    order = torch.randperm(len(docs), generator=torch.Generator().manual_seed(seed)).tolist()
+    picked, size = [], 0
+    for i in order:
+        picked.append(docs[i])
+        size += len(docs[i])
+        if size >= want:
+            break
+    return picked
+
+
 def calibration_samples(
-    tokenizer, dataset: str, n_samples: int, seq_len: int, seed: int
+    tokenizer,
+    dataset: str,
+    n_samples: int,
+    seq_len: int,
+    seed: int,
+    *,
+    path: str | None = None,
+    text_field: str = "text",
 ) -> torch.Tensor:
-    """`n_samples` windows of `seq_len` tokens at seeded random offsets in the calibration text."""
-    tokens = _tokenize(tokenizer, "\n\n".join(_texts(dataset, "calibration")))
+    """`n_samples` windows of `seq_len` tokens at seeded random offsets in the calibration
+    text (documents joined by blank lines); the same seed gives the same windows."""
+    check_source(dataset, path, n_samples, seq_len)
+    docs = _documents(dataset, "calibration", path, text_field)
+    if dataset in hub_datasets.HUB_DATASETS:
+        docs = _enough_text(docs, n_samples, seq_len, seed)
+    tokens = _tokenize(tokenizer, "\n\n".join(docs))
     if tokens.numel() <= seq_len:
+        where = f"calibration file {path}" if dataset == FILE else f"calibration text ({dataset})"
         raise BadRequestError(
-            f"calibration text has {tokens.numel()} tokens, fewer than seq_len={seq_len}"
+            f"{where} has {tokens.numel()} tokens; seq_len={seq_len} needs more than "
+            f"{seq_len}: add text or lower seq_len"
         )
     gen = torch.Generator().manual_seed(seed)
     starts = torch.randint(0, tokens.numel() - seq_len, (n_samples,), generator=gen)
@@ -43,4 +94,5 @@ def calibration_samples(
 
 def evaluation_tokens(tokenizer, dataset: str = BUILTIN) -> torch.Tensor:
     """Held-out text joined by blank lines and tokenized once (GPTQ-paper protocol), [1, T]."""
-    return _tokenize(tokenizer, "\n\n".join(_texts(dataset, "evaluation"))).unsqueeze(0)
+    docs = _documents(dataset, "evaluation", None, "text")
+    return _tokenize(tokenizer, "\n\n".join(docs)).unsqueeze(0)

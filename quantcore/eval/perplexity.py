@@ -20,6 +20,22 @@ class Perplexity:
     seq_len: int
 
 
+def num_windows(tokens: torch.Tensor, seq_len: int, max_windows: int | None) -> int:
+    """How many non-overlapping windows of `seq_len` the protocol evaluates."""
+    n = tokens.shape[1] // seq_len
+    if max_windows is not None:
+        n = min(n, max_windows)
+    if n == 0:
+        raise ValueError(f"{tokens.shape[1]} evaluation tokens do not fill one window of {seq_len}")
+    return n
+
+
+def window_nll(logits: torch.Tensor, window: torch.Tensor) -> float:
+    """Summed NLL of a window [T] under its logits [T, V]: every token but the first is
+    predicted from the ones before it."""
+    return float(nn.functional.cross_entropy(logits[:-1].float(), window[1:], reduction="sum"))
+
+
 @torch.no_grad()
 def perplexity(
     model: nn.Module,
@@ -30,19 +46,13 @@ def perplexity(
     on_window: Callable[[int, int], None] | None = None,
 ) -> Perplexity:
     """Perplexity of `model` on `tokens` ([1, T]); `on_window(i, n)` after each window."""
-    n = tokens.shape[1] // seq_len
-    if max_windows is not None:
-        n = min(n, max_windows)
-    if n == 0:
-        raise ValueError(f"{tokens.shape[1]} evaluation tokens do not fill one window of {seq_len}")
+    n = num_windows(tokens, seq_len, max_windows)
     total_nll = 0.0
     count = 0
     for i in range(n):
         window = tokens[:, i * seq_len : (i + 1) * seq_len].to(device)
-        logits = model(input_ids=window, use_cache=False).logits.float()
-        # Every token but the first is predicted from the ones before it.
-        nll = nn.functional.cross_entropy(logits[0, :-1], window[0, 1:], reduction="sum")
-        total_nll += float(nll)
+        logits = model(input_ids=window, use_cache=False).logits
+        total_nll += window_nll(logits[0], window[0])
         count += seq_len - 1
         if on_window is not None:
             on_window(i + 1, n)

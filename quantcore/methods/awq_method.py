@@ -16,9 +16,10 @@ One block at a time, in four steps:
    foldable producer keeps s = 1 (plain rounding, still clipped). The loss of a candidate
    alpha is the output error of the smallest module holding the whole group (self_attn for
    q/k/v, mlp for gate/up, the Linear itself for o and down), re-run on its captured args.
-3. Folding. Each group's columns are scaled by s and 1/s is folded into its producer; one pass
-   of `forward()` checks that the block's float outputs did not change (to the dtype's
-   precision). A fold that does change them (a norm computing (1 + weight) * x, say) is undone.
+3. Folding. Each group's columns are scaled by s and 1/s is folded into its producer (a norm
+   computing (1 + weight) * x, as Gemma's do, is found by a probe and folded as such); one
+   pass of `forward()` checks that the block's float outputs did not change (to the dtype's
+   precision). A fold that does change them is undone.
 4. Clipping and rounding. Each Linear's group ranges are clipped where that lowers the output
    error on a subsample of its (scaled) inputs, then it is rounded with RTN from the clipped
    ranges and installed.
@@ -172,14 +173,32 @@ def _subsample(tensors: list[torch.Tensor], n: int) -> torch.Tensor:
 
 
 @torch.no_grad()
+def norm_offset(norm: nn.Module) -> float:
+    """1.0 for a norm that scales by (1 + weight) (Gemma's RMSNorm), 0.0 for one that scales
+    by weight: probed by running it with a zero weight, which gives 0 only in the latter."""
+    w = norm.weight
+    saved = w.data.clone()
+    try:
+        w.data.zero_()
+        x = torch.linspace(-1, 1, w.shape[0], device=w.device, dtype=w.dtype)[None, :] + 0.5
+        out = norm(x)
+    finally:
+        w.data.copy_(saved)
+    out = out[0] if isinstance(out, tuple) else out
+    return 1.0 if bool(out.float().abs().amax() > 0) else 0.0
+
+
+@torch.no_grad()
 def fold_scales(
     block: nn.Module, members: tuple[str, ...], producer: str, s: torch.Tensor
 ) -> Callable[[], None]:
     """Scale the columns of the Linears `members` by s [in] and the outputs of `producer` by
     1/s: a norm's weight and bias, or a Linear's weight rows and bias. Exact before rounding
-    when the members' input is elementwise in the producer's outputs. Returns an undo."""
+    when the members' input is elementwise in the producer's outputs. A norm that scales by
+    (1 + weight) gets weight' = (1 + weight) / s - 1. Returns an undo."""
     prod = block.get_submodule(producer)
     prod_params = [p for p in (prod.weight, getattr(prod, "bias", None)) if p is not None]
+    offset = 0.0 if isinstance(prod, nn.Linear) else norm_offset(prod)
     params = [block.get_submodule(n).weight for n in members] + prod_params
     saved = [p.data.clone() for p in params]
     for n in members:
@@ -187,7 +206,10 @@ def fold_scales(
         w.copy_(w.float() * s.to(w.device)[None, :])
     for p in prod_params:
         inv = 1 / s.to(p.device)
-        p.data.copy_(p.data.float() * (inv[:, None] if p.dim() == 2 else inv))
+        if p is prod.weight and offset:
+            p.data.copy_((p.data.float() + offset) * inv - offset)
+        else:
+            p.data.copy_(p.data.float() * (inv[:, None] if p.dim() == 2 else inv))
 
     def undo() -> None:
         for p, d in zip(params, saved, strict=True):

@@ -22,13 +22,14 @@ class QuantScheme:
 
 @dataclass(frozen=True)
 class SchemeMap:
-    """Which scheme a module gets: the default, or the first override whose regex matches.
+    """Which scheme a module gets: the default, or the first override whose regex matches
+    (an override with scheme None leaves the module in floating point).
 
     Modules matching an `ignore` pattern stay in floating point.
     """
 
     default: QuantScheme
-    overrides: tuple[tuple[str, QuantScheme], ...] = ()
+    overrides: tuple[tuple[str, QuantScheme | None], ...] = ()
     ignore: tuple[str, ...] = field(default=("lm_head",))
 
     def scheme_for(self, name: str) -> QuantScheme | None:

@@ -3,18 +3,29 @@
 from __future__ import annotations
 
 import os
+from collections.abc import Callable
 from pathlib import Path
 
 from quantcore.errors import ModelNotFoundError
+from quantcore.models.gguf import find_gguf, gguf_snapshot
 
 
-def resolve_snapshot(model_id: str, revision: str = "main") -> Path:
+def resolve_snapshot(
+    model_id: str, revision: str = "main", on_convert: Callable[[str], None] | None = None
+) -> Path:
     """A local directory holding the model's files.
 
-    A local directory path is returned as is. A Hub id is looked up in the Hub cache first;
-    the network is used only when HF_HUB_OFFLINE is not set.
+    A local directory path is returned as is. A local `.gguf` file (or a directory holding one
+    and no config.json) is converted once to a safetensors snapshot in a cache directory
+    (`on_convert` hears about it). A Hub id is looked up in the Hub cache first; the network
+    is used only when HF_HUB_OFFLINE is not set.
     """
     local = Path(model_id).expanduser()
+    gguf = find_gguf(local)
+    if gguf is not None:
+        return gguf_snapshot(gguf, on_progress=on_convert)
+    if local.suffix.lower() == ".gguf" and not local.exists():
+        raise ModelNotFoundError(f"{local}: no such GGUF file")
     if local.is_dir():
         if not (local / "config.json").exists():
             raise ModelNotFoundError(f"{local} is a directory but has no config.json")

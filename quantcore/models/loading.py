@@ -1,7 +1,8 @@
-"""Load a causal LM and find its decoder blocks generically."""
+"""Load a causal LM (whole, or as a lazy skeleton) and find its decoder blocks generically."""
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
@@ -11,17 +12,24 @@ from quantcore.errors import ModelNotFoundError, UnsupportedModelError
 from quantcore.models.hub import resolve_snapshot
 
 
+def load_tokenizer(snapshot: Path, model_id: str):
+    from transformers import AutoTokenizer
+
+    try:
+        return AutoTokenizer.from_pretrained(snapshot)
+    except (OSError, ValueError) as e:
+        raise ModelNotFoundError(f"{model_id}: no usable tokenizer in {snapshot}: {e}") from e
+
+
 def load_causal_lm(
     model_id: str, revision: str = "main", dtype: torch.dtype | str = "auto"
 ) -> tuple[nn.Module, object, Path]:
-    """(model on CPU in eval mode, tokenizer, snapshot dir) for a Hub id or local directory."""
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    """(model on CPU in eval mode, tokenizer, snapshot dir) for a Hub id, local directory or
+    GGUF file. The whole model is in memory: for quantizing, `load_lazy` holds one block."""
+    from transformers import AutoModelForCausalLM
 
     snapshot = resolve_snapshot(model_id, revision)
-    try:
-        tokenizer = AutoTokenizer.from_pretrained(snapshot)
-    except (OSError, ValueError) as e:
-        raise ModelNotFoundError(f"{model_id}: no usable tokenizer in {snapshot}: {e}") from e
+    tokenizer = load_tokenizer(snapshot, model_id)
     try:
         model = AutoModelForCausalLM.from_pretrained(snapshot, dtype=dtype)
     except ValueError as e:
@@ -30,28 +38,63 @@ def load_causal_lm(
     return model, tokenizer, snapshot
 
 
+def load_lazy(
+    model_id: str,
+    revision: str = "main",
+    dtype: torch.dtype | str = "auto",
+    on_convert: Callable[[str], None] | None = None,
+):
+    """(LazyModel, tokenizer, snapshot dir): the model's skeleton with no weights in memory;
+    the walker reads them block by block from the snapshot."""
+    from quantcore.models.lazy import LazyModel
+
+    snapshot = resolve_snapshot(model_id, revision, on_convert)
+    tokenizer = load_tokenizer(snapshot, model_id)
+    lazy = LazyModel(snapshot, dtype)
+    decoder_layers(lazy.model)  # an unsupported structure fails now, before calibration
+    return lazy, tokenizer, snapshot
+
+
 def decoder_layers(model: nn.Module) -> tuple[str, nn.ModuleList]:
     """The ModuleList of decoder blocks: the largest list of identical-class blocks.
 
     A generic rule instead of a table per architecture: every decoder-only model in
-    transformers keeps its blocks in one ModuleList that holds most of the parameters.
+    transformers keeps its blocks in one ModuleList that holds most of the parameters outside
+    the embeddings. Two such lists (an encoder's and a decoder's) mean a model the walker
+    cannot run block by block from one captured input.
     """
-    best: tuple[int, str, nn.ModuleList] | None = None
+    lists: list[tuple[int, str, nn.ModuleList]] = []
     for name, mod in model.named_modules():
         if not isinstance(mod, nn.ModuleList) or len(mod) == 0:
             continue
         if len({type(m) for m in mod}) != 1:
             continue
-        n = sum(p.numel() for p in mod.parameters())
-        if best is None or n > best[0]:
-            best = (n, name, mod)
-    total = sum(p.numel() for p in model.parameters())
-    if best is None or best[0] < 0.3 * total:
+        if any(name.startswith(other + ".") for _, other, _ in lists):
+            continue  # a list inside a block (experts, say), not a list of blocks
+        lists.append((sum(p.numel() for p in mod.parameters()), name, mod))
+    # Embeddings are left out of the total: a shallow model with a large vocabulary keeps
+    # most of its parameters there.
+    embeddings = set()
+    for getter in ("get_input_embeddings", "get_output_embeddings"):
+        mod = getattr(model, getter, lambda: None)()
+        if isinstance(mod, nn.Module):
+            embeddings.update(id(p) for p in mod.parameters())
+    total = sum(p.numel() for p in model.parameters() if id(p) not in embeddings)
+    big = sorted((x for x in lists if x[0] >= 0.3 * total), key=lambda x: -x[0])
+    kind = type(model).__name__
+    if not big:
+        found = ", ".join(f"{n} ({c} params)" for c, n, _ in lists) or "no ModuleList at all"
         raise UnsupportedModelError(
-            f"{type(model).__name__}: found no ModuleList of decoder blocks holding most of the "
-            "parameters; only decoder-only models with one list of blocks are supported"
+            f"{kind}: found no ModuleList of decoder blocks holding most of the parameters "
+            f"(lists: {found}); only decoder-only models with one list of blocks are supported"
         )
-    return best[1], best[2]
+    if len(big) > 1:
+        names = ", ".join(n for _, n, _ in big)
+        raise UnsupportedModelError(
+            f"{kind}: found several lists of blocks ({names}), as in an encoder-decoder "
+            "model; only decoder-only models with one list of blocks are supported"
+        )
+    return big[0][1], big[0][2]
 
 
 def linear_modules(block: nn.Module) -> dict[str, nn.Linear]:

@@ -13,6 +13,7 @@ import tempfile
 from pathlib import Path
 
 from quantcore.errors import ModelNotFoundError
+from quantcore.models import gguf as gguf_models
 from quantcore.models.hub_cache import install_snapshot
 
 REPO_ID = "HuggingFaceTB/SmolLM2-135M-Instruct"
@@ -32,18 +33,8 @@ def gguf_path() -> Path:
 
 
 def convert_gguf(gguf: Path, out_dir: Path) -> None:
-    """Load a GGUF with transformers (dequantizing) and save it as a float safetensors dir."""
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
-    tok = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
-    model = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name)
-    # The loaded weights are plain floats; drop the GGUF quantizer so save_pretrained writes them.
-    model.hf_quantizer = None
-    if hasattr(model.config, "quantization_config"):
-        del model.config.quantization_config
-    model.config.name_or_path = REPO_ID
-    model.save_pretrained(out_dir)
-    tok.save_pretrained(out_dir)
+    """The GGUF as a float safetensors dir named after the Hub repo it stands in for."""
+    gguf_models.convert_gguf(gguf, out_dir, name_or_path=REPO_ID)
 
 
 def prepare(cache_dir: Path) -> Path:

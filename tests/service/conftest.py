@@ -50,13 +50,12 @@ def stack(request, tmp_path, hub_cache):
     """The API and one worker as processes; `embedded` is SQLite + SQLAlchemy broker,
     `cluster` is PostgreSQL + Redis."""
     home = tmp_path / "home"
-    queue = f"test-{uuid.uuid4().hex[:8]}"  # keeps runs apart on a shared Redis
     if request.param == "embedded":
-        env = base_env(home, hub_cache, queue=queue)
+        env = base_env(home, hub_cache)
     else:
         pg = request.getfixturevalue("postgres_url")
         redis = request.getfixturevalue("redis_url")
-        env = base_env(home, hub_cache, queue=queue, database_url=pg, broker_url=redis + "/0")
+        env = base_env(home, hub_cache, database_url=pg, broker_url=redis + "/0")
     s = Stack(env=env, logs=tmp_path / "logs")
     try:
         yield s.start()

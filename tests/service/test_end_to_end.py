@@ -8,7 +8,6 @@ import signal
 import time
 from pathlib import Path
 
-import httpx
 import pytest
 import torch
 
@@ -62,7 +61,7 @@ def test_job_runs_end_to_end(stack, tiny_model_dir):
     assert again.ppl == pytest.approx(r["ppl_quant"], rel=1e-4)
 
     # The job is listed, newest first.
-    page = httpx.get(f"{stack.url}/v1/jobs", timeout=10).json()
+    page = stack.http.get("/v1/jobs").json()
     assert page["items"][0]["id"] == created["id"]
 
 
@@ -75,12 +74,15 @@ def test_unknown_model_fails_with_actionable_reason(stack):
     assert "nobody-here/no-such-model" in msg and "cache" in msg and "hf download" in msg
 
 
-def _wait_until_evaluating(stack, job_id: str, timeout: float = 60) -> dict:
-    """The job as soon as its worker is in the base-model evaluation."""
+EVALUATING = ("verify",)  # the phase that walks evaluation windows (base and artifact)
+
+
+def _wait_until_evaluating(stack, job_id: str, timeout: float = 120) -> dict:
+    """The job as soon as its worker is in the evaluation (window by window)."""
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
-        job = httpx.get(f"{stack.url}/v1/jobs/{job_id}", timeout=10).json()
-        if job["state"] == "running" and job["progress"]["phase"] == "evaluate_base":
+        job = stack.http.get(f"/v1/jobs/{job_id}").json()
+        if job["state"] == "running" and job["progress"]["phase"] in EVALUATING:
             return job
         time.sleep(0.1)
     raise AssertionError(f"job never started evaluating: {job}")
@@ -90,7 +92,7 @@ def test_cancel_mid_run_stops_within_a_step(stack):
     # A long base evaluation (thousands of short windows) keeps the job running long enough.
     created = stack.submit(spec(evaluation={"seq_len": 32, "max_windows": 5000}))
     job = _wait_until_evaluating(stack, created["id"])
-    r = httpx.post(f"{stack.url}/v1/jobs/{created['id']}/cancel", timeout=10)
+    r = stack.http.post(f"/v1/jobs/{created['id']}/cancel")
     assert r.status_code == 202 and r.json()["state"] in ("cancelling", "cancelled")
     t0 = time.monotonic()
     job = stack.wait(created["id"], timeout=60)
@@ -99,16 +101,16 @@ def test_cancel_mid_run_stops_within_a_step(stack):
     assert job["progress"]["done"] < job["progress"]["total"]
     assert job["results"] is None
     # A finished job cannot be cancelled again; an unknown one is 404.
-    again = httpx.post(f"{stack.url}/v1/jobs/{created['id']}/cancel", timeout=10)
+    again = stack.http.post(f"/v1/jobs/{created['id']}/cancel")
     assert again.status_code == 409 and "already cancelled" in again.json()["detail"]
-    assert httpx.post(f"{stack.url}/v1/jobs/nope/cancel", timeout=10).status_code == 404
+    assert stack.http.post("/v1/jobs/nope/cancel").status_code == 404
     # The worker is free again: the next job runs to the end.
     assert stack.wait(stack.submit(spec())["id"])["state"] == "succeeded"
 
 
-def _read_sse(url: str, headers: dict | None = None, timeout: float = 240) -> list[dict]:
+def _read_sse(stack, path: str, headers: dict | None = None, timeout: float = 240) -> list[dict]:
     events, current = [], {}
-    with httpx.stream("GET", url, headers=headers or {}, timeout=timeout) as r:
+    with stack.http.stream("GET", path, headers=headers or {}, timeout=timeout) as r:
         assert r.status_code == 200
         assert r.headers["content-type"].startswith("text/event-stream")
         for line in r.iter_lines():
@@ -126,8 +128,8 @@ def _read_sse(url: str, headers: dict | None = None, timeout: float = 240) -> li
 
 def test_events_stream_live_and_resume(stack):
     created = stack.submit(spec())
-    url = f"{stack.url}/v1/jobs/{created['id']}/events"
-    events = _read_sse(url)  # live: the stream ends by itself after the final state
+    url = f"/v1/jobs/{created['id']}/events"
+    events = _read_sse(stack, url)  # live: the stream ends by itself after the final state
     states = [e["data"]["state"] for e in events if e["event"] == "state"]
     assert states == ["queued", "running", "succeeded"]
     ids = [e["id"] for e in events]
@@ -140,10 +142,10 @@ def test_events_stream_live_and_resume(stack):
 
     # Resuming after an event replays only what came after it.
     middle = ids[len(ids) // 2]
-    resumed = _read_sse(url, headers={"Last-Event-ID": str(middle)})
+    resumed = _read_sse(stack, url, headers={"Last-Event-ID": str(middle)})
     assert [e["id"] for e in resumed] == [i for i in ids if i > middle]
-    assert httpx.get(url, headers={"Last-Event-ID": "x"}, timeout=10).status_code == 422
-    assert httpx.get(f"{stack.url}/v1/jobs/nope/events", timeout=10).status_code == 404
+    assert stack.http.get(url, headers={"Last-Event-ID": "x"}).status_code == 422
+    assert stack.http.get("/v1/jobs/nope/events").status_code == 404
 
 
 def test_worker_killed_mid_job_finishes_on_next_attempt(stack):
@@ -156,7 +158,7 @@ def test_worker_killed_mid_job_finishes_on_next_attempt(stack):
     assert job["state"] == "succeeded", (job, stack.log("worker"), stack.log("dispatcher"))
     assert job["attempt"] == 2
     assert int(job["worker"].rsplit(":", 1)[1]) != pid
-    events = _read_sse(f"{stack.url}/v1/jobs/{created['id']}/events")
+    events = _read_sse(stack, f"/v1/jobs/{created['id']}/events")
     states = [e["data"]["state"] for e in events if e["event"] == "state"]
     assert states == ["queued", "running", "retrying", "queued", "running", "succeeded"]
     # One artifact, written once, by the attempt that finished.

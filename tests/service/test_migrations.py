@@ -22,7 +22,16 @@ def _tables(url: str) -> set[str]:
 def test_up_down_up_and_no_drift(postgres_url):
     upgrade(postgres_url)
     check_migrated(postgres_url)
-    assert _tables(postgres_url) == {"jobs", "job_events", "outbox"}
+    assert _tables(postgres_url) == {
+        "jobs",
+        "job_events",
+        "outbox",
+        "api_tokens",
+        "calibration_uploads",
+        "job_measurements",
+        "webhook_deliveries",
+        "watched_repos",
+    }
     downgrade(postgres_url, "base")
     assert _tables(postgres_url) == set()
     upgrade(postgres_url)

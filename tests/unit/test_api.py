@@ -1,5 +1,5 @@
 """The REST API's validation and its refusal to run on an unmigrated database (SQLite, no
-worker needed: nothing invalid is ever enqueued)."""
+worker needed: nothing invalid is ever enqueued). Requests carry a token of team `alpha`."""
 
 from __future__ import annotations
 
@@ -10,7 +10,8 @@ import pytest
 from fastapi.testclient import TestClient
 
 from api.app import create_app
-from jobs.db import NotMigratedError, upgrade
+from jobs.auth import create_token, pepper
+from jobs.db import NotMigratedError, session_scope, upgrade
 from jobs.settings import Settings
 
 GOOD = {
@@ -21,11 +22,17 @@ GOOD = {
 }
 
 
+def make_token(settings: Settings, team: str, scopes: str) -> str:
+    with session_scope(settings.database_url) as s:
+        return create_token(s, pepper(settings), team, scopes)[1]
+
+
 @pytest.fixture
 def client(tmp_path):
     settings = Settings(home=tmp_path)
     upgrade(settings.database_url)
-    with TestClient(create_app(settings)) as c:
+    token = make_token(settings, "alpha", "submit,read")
+    with TestClient(create_app(settings), headers={"Authorization": f"Bearer {token}"}) as c:
         yield c
 
 

@@ -100,7 +100,8 @@ def test_folding_wild_scales_keeps_the_model(tiny_model_dir, tokenizer, members,
 
 
 class OnePlusRMSNorm(torch.nn.Module):
-    """Gemma's norm: x / rms(x) * (1 + weight). Dividing its weight by s is not exact."""
+    """Gemma's norm: x / rms(x) * (1 + weight). Dividing its weight by s is not exact; the
+    fold must give (1 + weight) / s - 1."""
 
     def __init__(self, weight: torch.Tensor, eps: float):
         super().__init__()
@@ -112,12 +113,44 @@ class OnePlusRMSNorm(torch.nn.Module):
         return x * (1 + self.weight)
 
 
-@torch.no_grad()
-def test_a_fold_that_changes_the_block_is_undone(tiny_model_dir, tokenizer):
+class ShiftedRMSNorm(OnePlusRMSNorm):
+    """A norm no fold can keep exact: its output also depends on the mean of its weight."""
+
+    def forward(self, x):
+        x = x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + self.eps)
+        return x * self.weight + self.weight.mean()
+
+
+def _with_norm(tiny_model_dir, norm_class):
     model = _fresh(tiny_model_dir)
     block = decoder_layers(model)[1][0]
     norm = block.post_attention_layernorm
-    block.post_attention_layernorm = OnePlusRMSNorm(norm.weight.data.clone(), norm.variance_epsilon)
+    block.post_attention_layernorm = norm_class(norm.weight.data.clone(), norm.variance_epsilon)
+    return model, block
+
+
+@torch.no_grad()
+def test_one_plus_weight_norms_are_folded_exactly(tiny_model_dir, tokenizer):
+    model, block = _with_norm(tiny_model_dir, OnePlusRMSNorm)
+    ids = calibration_samples(tokenizer, "wiki-excerpt", 4, 64, seed=0)
+    before = model(input_ids=ids).logits
+    modules = {n: (lin, W3G32) for n, lin in linear_modules(block).items()}
+    norm_weight = block.post_attention_layernorm.weight.clone()
+
+    groups, scales, _ = AWQ().scale_block(block, modules, lambda: model(input_ids=ids))
+
+    mlp = next(g for g in groups if g.members == ("mlp.gate_proj", "mlp.up_proj"))
+    assert mlp.producer == "post_attention_layernorm" and mlp.fold == "norm" and mlp.alpha > 0
+    s = scales[groups.index(mlp)]
+    torch.testing.assert_close(
+        block.post_attention_layernorm.weight, (1 + norm_weight) / s - 1, rtol=1e-6, atol=1e-6
+    )
+    torch.testing.assert_close(model(input_ids=ids).logits, before, rtol=1e-4, atol=1e-4)
+
+
+@torch.no_grad()
+def test_a_fold_that_changes_the_block_is_undone(tiny_model_dir, tokenizer):
+    model, block = _with_norm(tiny_model_dir, ShiftedRMSNorm)
     ids = calibration_samples(tokenizer, "wiki-excerpt", 4, 64, seed=0)
     before = model(input_ids=ids).logits
     modules = {n: (lin, W3G32) for n, lin in linear_modules(block).items()}
