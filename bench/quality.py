@@ -122,7 +122,7 @@ def main() -> None:
             print(f"{config}: failed\n{out.stderr[-2000:]}", file=sys.stderr)
             continue
         rows.append(json.loads(out.stdout.strip().splitlines()[-1]))
-        print(f"done {config}", file=sys.stderr, flush=True)
+        print(f"done {config}: {json.dumps(rows[-1])}", file=sys.stderr, flush=True)
         if a.llmc_python:
             child = Path(__file__).with_name("llmc_child.py")
             # -P: bench/ must not shadow packages (bench/kernels.py vs the `kernels` library).
@@ -133,7 +133,11 @@ def main() -> None:
                 print(f"{config} (llm-compressor): failed\n{out.stderr[-3000:]}", file=sys.stderr)
                 continue
             llmc_rows[config] = json.loads(out.stdout.strip().splitlines()[-1])
-            print(f"done {config} (llm-compressor)", file=sys.stderr, flush=True)
+            print(
+                f"done {config} (llm-compressor): {json.dumps(llmc_rows[config])}",
+                file=sys.stderr,
+                flush=True,
+            )
     print(
         f"SmolLM2-135M-Instruct, calibration {a.samples}x{a.seq_len} tokens, "
         f"evaluation {a.windows}x{a.seq_len} held-out tokens; GPTQ with act-order "

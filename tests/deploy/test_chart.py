@@ -127,6 +127,13 @@ def test_each_process_gets_only_its_secrets():
     assert set(migrations) & {"QF_BROKER_URL", "QF_TOKEN_PEPPER", "QF_SECRETS_DIR"} == set()
     for e in (api, worker, dispatcher, migrations):
         assert e["QF_DATABASE_URL"]["valueFrom"]["secretKeyRef"]["key"] == "database-url"
+    # Webhook secrets: the inbound Hub webhook's for the API, the callback signing key for the
+    # API (it refuses callback_url without one) and the dispatcher (it signs and sends).
+    assert api["QF_HF_WEBHOOK_SECRET"]["valueFrom"]["secretKeyRef"]["key"] == "hf-webhook-secret"
+    for e in (api, dispatcher):
+        ref = e["QF_WEBHOOK_SECRET"]["valueFrom"]["secretKeyRef"]
+        assert ref == {"name": "quantfoundry", "key": "webhook-secret", "optional": True}
+    assert {"QF_WEBHOOK_SECRET", "QF_HF_WEBHOOK_SECRET"} & (set(worker) | set(migrations)) == set()
     # The Hub token reaches the workers only, as the file a job names (workers/secrets.py reads
     # <QF_SECRETS_DIR>/<destination.token_secret>, default "hub-token").
     for name, pod in pods.items():

@@ -79,6 +79,9 @@ def test_rtn_w8_costs_under_one_percent(loaded):
     assert abs(increase) < 1
 
 
+# RTN, GPTQ and two perplexity passes over a 135M model on 2 CPU cores: slower than the
+# suite's default 600 s per test when the machine is shared.
+@pytest.mark.timeout(1500)
 def test_gptq_w4_g64_beats_rtn(loaded):
     """GPTQ (act-order, static groups) with 8 calibration samples of 512 tokens."""
     base, rtn = _rtn_w4_ppl(loaded)
