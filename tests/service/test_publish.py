@@ -15,6 +15,7 @@ import uuid
 import pytest
 from sqlalchemy import create_engine, text
 
+from tests.service.conftest import fresh_database
 from tests.support.fake_hub import FakeHub, Token
 from tests.support.stack import Stack, base_env
 from tests.support.tiny_model import REPO_ID
@@ -32,14 +33,8 @@ def hub():
 
 @pytest.fixture(scope="module")
 def database(postgres_admin_url):
-    name = f"qf_publish_{uuid.uuid4().hex[:12]}"
-    admin = create_engine(postgres_admin_url, isolation_level="AUTOCOMMIT")
-    with admin.connect() as c:
-        c.execute(text(f'CREATE DATABASE "{name}"'))
-    yield postgres_admin_url.rsplit("/", 1)[0] + f"/{name}"
-    with admin.connect() as c:
-        c.execute(text(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)'))
-    admin.dispose()
+    with fresh_database(postgres_admin_url, "qf_publish") as url:
+        yield url
 
 
 @pytest.fixture(scope="module")
