@@ -3,8 +3,8 @@ with `quantization_config`, tokenizer and generation config, the recipe, a model
 manifest with each file's size and sha256.
 
 The writer streams: every tensor that is neither quantized nor replaced is read from the
-snapshot's shards one at a time, and shards are written as they fill, so peak memory is one
-output shard (plus whatever the caller's `quantized` mapping holds).
+snapshot's shards one at a time and goes to its output shard's file at once, so peak memory
+is one tensor (plus whatever the caller's `quantized` mapping holds).
 """
 
 from __future__ import annotations
@@ -19,12 +19,13 @@ from pathlib import Path
 
 import torch
 from safetensors import safe_open
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file
 from torch import nn
 
 from kernels.packed_weight import PackedWeight
 from kernels.quant_linear import Backend, replace_linears
 from quantcore.formats import FORMATS, WeightScheme, gptq, pack_quantized, scheme_of
+from quantcore.formats.safetensors_stream import StreamingSafetensors
 from quantcore.qtensor import QuantizedWeight
 
 WEIGHT_FILES = (".safetensors", ".bin", ".pt", ".pth", ".gguf", ".msgpack", ".h5", ".onnx")
@@ -77,30 +78,31 @@ def snapshot_shards(snapshot: Path) -> list[Path]:
 
 
 class _ShardWriter:
-    """Collects tensors into shards of at most `max_bytes` and writes each as it fills."""
+    """Streams tensors into shards of at most `max_bytes`: each tensor is on disk once added,
+    so memory holds one tensor, not one shard."""
 
     def __init__(self, out_dir: Path, max_bytes: int) -> None:
         self.out_dir, self.max_bytes = out_dir, max_bytes
-        self.current: dict[str, torch.Tensor] = {}
-        self.size = 0
+        self.current: StreamingSafetensors | None = None
         self.parts: list[tuple[Path, list[str]]] = []
         self.total = 0
 
     def add(self, name: str, t: torch.Tensor) -> None:
         nbytes = t.numel() * t.element_size()
-        if self.current and self.size + nbytes > self.max_bytes:
+        if self.current is not None and self.current.nbytes + nbytes > self.max_bytes:
             self.flush()
-        self.current[name] = t.detach().contiguous().cpu()
-        self.size += nbytes
+        if self.current is None:
+            part = self.out_dir / f".part-{len(self.parts):05d}.safetensors"
+            self.current = StreamingSafetensors(part, metadata={"format": "pt"})
+        self.current.add(name, t)
         self.total += nbytes
 
     def flush(self) -> None:
-        if not self.current:
+        if self.current is None:
             return
-        part = self.out_dir / f".part-{len(self.parts):05d}.safetensors"
-        save_file(self.current, part, metadata={"format": "pt"})
-        self.parts.append((part, list(self.current)))
-        self.current, self.size = {}, 0
+        self.current.close()
+        self.parts.append((self.current.path, self.current.names()))
+        self.current = None
 
     def finish(self) -> list[str]:
         """Name the shards (`model.safetensors`, or `model-0000k-of-0000n` with an index)."""
@@ -276,26 +278,6 @@ def write_artifact(
 def read_info(artifact_dir: Path) -> ArtifactInfo:
     m = json.loads((artifact_dir / "manifest.json").read_text())
     return ArtifactInfo(artifact_dir, m["format"], m["total_bytes"], m["files"])
-
-
-def tensors_changed(
-    model: nn.Module, snapshot: Path, skip_modules: set[str]
-) -> dict[str, torch.Tensor]:
-    """The model's tensors that differ from the snapshot's (for callers that hold a whole
-    model: what `write_artifact` takes as `replaced`). Tied duplicates are left out."""
-    state = model.state_dict()
-    out: dict[str, torch.Tensor] = {}
-    stored: set[str] = set()
-    for path in snapshot_shards(snapshot):
-        with safe_open(path, framework="pt") as f:
-            for key in f.keys():  # noqa: SIM118
-                stored.add(key)
-                if key.removesuffix(".weight") in skip_modules or key not in state:
-                    continue
-                t = state[key]
-                if not torch.equal(f.get_tensor(key).to(t.dtype), t):
-                    out[key] = t
-    return out
 
 
 # --- reading ---

@@ -47,6 +47,13 @@ class QuantizedWeight:
         return torch.arange(self.codes.shape[1], device=self.codes.device) // self.group_size
 
     def dequantize(self, dtype: torch.dtype | None = None) -> torch.Tensor:
+        out_f, in_f = self.codes.shape
+        if self.g_idx is None and in_f % self.group_size == 0:
+            # Contiguous groups: broadcast each group's scale instead of gathering per column.
+            n = in_f // self.group_size
+            c = self.codes.reshape(out_f, n, self.group_size).float()
+            w = (c - self.zeros.float()[..., None]) * self.scales.float()[..., None]
+            return w.view(out_f, in_f).to(dtype or self.scales.dtype)
         g = self.group_index()
         w = (self.codes.float() - self.zeros.float()[:, g]) * self.scales.float()[:, g]
         return w.to(dtype or self.scales.dtype)

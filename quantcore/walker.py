@@ -11,7 +11,7 @@ one block's float weights are in host memory too.
 from __future__ import annotations
 
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Collection, Mapping
 from dataclasses import dataclass, field
 
 import torch
@@ -38,9 +38,12 @@ class ModuleEvent:
 
 @dataclass(frozen=True)
 class LayerEvent:
+    """output_error: the block's relative output error on the calibration inputs; None for a
+    data-free method (RTN), whose walk runs no block."""
+
     layer: int
     num_layers: int
-    output_error: float
+    output_error: float | None
     seconds: float
 
 
@@ -60,6 +63,10 @@ class WalkResult:
 
 
 class _Captured(Exception):
+    pass
+
+
+class _StopBlock(Exception):
     pass
 
 
@@ -136,8 +143,33 @@ def _capture_lazy(
             lazy.release(m)
 
 
-def _run_block(block: nn.Module, batches: list[_Batch]) -> list[torch.Tensor]:
-    return [_first_output(block(x.hidden, **x.kwargs)) for x in batches]
+def _run_block(
+    block: nn.Module, batches: list[_Batch], stop_after: Collection[nn.Module] = ()
+) -> list[torch.Tensor] | None:
+    """The block's outputs for every batch; with `stop_after`, each batch stops as soon as all
+    of those modules have run once (their hooks have what they need) and nothing is returned."""
+    if not stop_after:
+        return [_first_output(block(x.hidden, **x.kwargs)) for x in batches]
+    seen: set[int] = set()
+
+    def hook(mod, _args, _out):
+        seen.add(id(mod))
+        if len(seen) == len(stop_after):
+            raise _StopBlock
+
+    # Registered after the method's own hooks, so those run first on the last module.
+    handles = [m.register_forward_hook(hook) for m in stop_after]
+    try:
+        for x in batches:
+            seen.clear()
+            try:
+                block(x.hidden, **x.kwargs)
+            except _StopBlock:
+                pass
+    finally:
+        for h in handles:
+            h.remove()
+    return None
 
 
 @torch.no_grad()
@@ -196,7 +228,10 @@ def walk(
     module = lazy.model if lazy is not None else model
     prefix, blocks = decoder_layers(module)
     n = len(blocks)
-    if lazy is not None:
+    # A data-free method's weights do not depend on the inputs: no block needs to run.
+    if not method.needs_calibration:
+        batches = []
+    elif lazy is not None:
         batches = _capture_lazy(lazy, blocks, samples, batch_size, device)
     else:
         batches = capture_block_inputs(module, blocks, samples, batch_size, device)
@@ -208,7 +243,7 @@ def walk(
             quantized, changed = checkpoint.load_layer(i)
             replaced.update(changed)
             if lazy is None:
-                _install(module, f"{prefix}.{i}", quantized, changed)
+                install(module, quantized, changed)
         for x, h in zip(batches, checkpoint.load_inputs(), strict=True):
             x.hidden = h.to(device)
     for i in range(start, n):
@@ -269,14 +304,13 @@ def _changed(
 
 
 @torch.no_grad()
-def _install(
+def install(
     model: nn.Module,
-    name: str,
     quantized: Mapping[str, QuantizedWeight],
-    changed: dict[str, torch.Tensor],
+    changed: Mapping[str, torch.Tensor],
 ) -> None:
-    """Put a checkpointed layer back into an in-memory model: dequantized weights and the
-    floats the method changed, exactly as the run that saved it left them."""
+    """Put walk results (by full name) into an in-memory model: dequantized weights and the
+    floats the method changed, exactly as the walk left them."""
     for full, qw in quantized.items():
         w = model.get_submodule(full).weight
         w.copy_(qw.dequantize(w.dtype))
@@ -294,28 +328,46 @@ def _quantize_block(
     method: LayerMethod,
     schemes: SchemeMap,
     on_module: Callable[[ModuleEvent], None] | None,
-) -> tuple[dict[str, QuantizedWeight], float]:
+) -> tuple[dict[str, QuantizedWeight], float | None]:
     """Quantize one block on its device; replace `batches` by the quantized block's outputs.
-    Returns the quantized weights (by name inside the block) and the block's output error."""
-    reference = _run_block(block, batches)
+    Returns the quantized weights (by name inside the block) and the block's output error
+    (None without batches: a data-free method)."""
     modules = {}
     for sub, lin in linear_modules(block).items():
         scheme = schemes.scheme_for(f"{name}.{sub}")
         if scheme is not None:
             modules[sub] = (lin, scheme)
 
+    # The float block's outputs: a calibrating method's first full pass computes them anyway
+    # (it must run the block in full before changing a weight), so that pass is kept.
+    state: dict = {"reference": None, "changed": False}
+    if batches and not method.needs_calibration:
+        state["reference"] = _run_block(block, batches)
+
+    def forward(stop_after: Collection[nn.Module] = ()) -> list[torch.Tensor] | None:
+        outs = _run_block(block, batches, stop_after)
+        if state["reference"] is None and not stop_after and not state["changed"]:
+            state["reference"] = outs
+        return outs
+
     t_mod = time.perf_counter()
 
     def module_done(sub: str, _qw: QuantizedWeight, err: float) -> None:
         nonlocal t_mod
+        state["changed"] = True
         now = time.perf_counter()
         if on_module is not None:
             on_module(ModuleEvent(layer, num_layers, f"{name}.{sub}", err, now - t_mod))
         t_mod = now
 
-    quantized = method.quantize_block(
-        block, modules, lambda: _run_block(block, batches), module_done
-    )
+    quantized = method.quantize_block(block, modules, forward, module_done)
+    if not batches:
+        return quantized, None
+    reference = state["reference"]
+    if reference is None:
+        raise RuntimeError(
+            f"method {method.name!r} changed block {name} before running it in full once"
+        )
     # The next block sees what the quantized model will feed it.
     outputs = _run_block(block, batches)
     err = sum(relative_error(r, o) for r, o in zip(reference, outputs, strict=True))

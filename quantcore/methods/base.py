@@ -47,9 +47,13 @@ ModuleDone = Callable[[str, QuantizedWeight, float], None]
 class LayerMethod(Protocol):
     """A method quantizes the Linears of one decoder block.
 
-    `forward` runs the block (with its current weights) over the captured calibration inputs;
-    methods that need statistics attach hooks and call it. `on_module(name, qweight, error)`
-    is called after each module.
+    `forward(stop_after=())` runs the block (with its current weights) over the captured
+    calibration inputs and returns its outputs; with `stop_after` (modules of the block), each
+    input stops once those modules have run, and it returns None. Methods that need statistics
+    attach hooks and call it, and must call it once in full before changing any weight (the
+    walker keeps that pass as the block's float reference). Data-free methods
+    (`needs_calibration = False`) get no inputs and must not call it.
+    `on_module(name, qweight, error)` is called after each module.
     """
 
     name: str
@@ -59,7 +63,7 @@ class LayerMethod(Protocol):
         self,
         block: nn.Module,
         modules: dict[str, tuple[nn.Linear, QuantScheme]],
-        forward: Callable[[], None],
+        forward: Callable[..., list[torch.Tensor] | None],
         on_module: ModuleDone,
     ) -> dict[str, QuantizedWeight]: ...
 

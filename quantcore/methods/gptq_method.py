@@ -18,30 +18,52 @@ from quantcore.qtensor import QuantizedWeight
 
 
 class _Stats:
-    """Running Hessians for a set of Linears, and which of them read the same input tensor."""
+    """Running Hessians for a set of Linears, and the input tensor each of them saw first.
 
-    def __init__(self, modules: dict[str, nn.Linear]):
+    With `first_step_only`, a Hessian is accumulated only for the Linears that read the same
+    input as the first one called (the first true-sequential step): the others' would be
+    collected again, after that step is quantized."""
+
+    def __init__(self, modules: dict[str, nn.Linear], first_step_only: bool = False):
         self.h = {
             n: torch.zeros(m.in_features, m.in_features, device=m.weight.device)
             for n, m in modules.items()
         }
         self.n = dict.fromkeys(modules, 0)
+        self.calls = dict.fromkeys(modules, 0)
         # The first input each module saw, kept alive so that tensor identity is meaningful
         # (the id of a freed tensor can be reused by a later one).
         self.first_input: dict[str, torch.Tensor] = {}
+        self._first_step_only = first_step_only
+        self._leader: str | None = None  # the first Linear called
+        self._leader_input: torch.Tensor | None = None  # its input in the current batch
         self._handles = [m.register_forward_hook(self._hook(n)) for n, m in modules.items()]
 
     def _hook(self, name: str):
         def hook(_mod, args, _out):
-            x = args[0].detach()
-            self.first_input.setdefault(name, args[0])
-            self.h[name], self.n[name] = accumulate_hessian(self.h[name], self.n[name], x)
+            x = args[0]
+            self.first_input.setdefault(name, x)
+            self.calls[name] += 1
+            if self._leader is None:
+                self._leader = name
+            if name == self._leader:
+                self._leader_input = x
+            if self._first_step_only and x is not self._leader_input:
+                return
+            self.h[name], self.n[name] = accumulate_hessian(self.h[name], self.n[name], x.detach())
 
         return hook
 
-    def same_input(self, a: str, b: str) -> bool:
-        x, y = self.first_input.get(a), self.first_input.get(b)
-        return x is not None and x is y
+    def steps(self) -> list[list[str]]:
+        """The modules grouped by shared input (q/k/v; gate/up), in the order they ran."""
+        out: list[list[str]] = []
+        for name, x in self.first_input.items():  # insertion order: the order they ran
+            same = next((s for s in out if self.first_input[s[0]] is x), None)
+            if same is None:
+                out.append([name])
+            else:
+                same.append(name)
+        return out
 
     def remove(self) -> None:
         for h in self._handles:
@@ -59,12 +81,14 @@ class GPTQ:
         act_order: bool = True,
         mse: bool = False,
         true_sequential: bool = True,
+        refit_rounds: int = 0,
     ):
         self.block_size = block_size
         self.damp = damp
         self.act_order = act_order
         self.mse = mse
         self.true_sequential = true_sequential
+        self.refit_rounds = refit_rounds
 
     def config(self, scheme: QuantScheme) -> GPTQConfig:
         return GPTQConfig(
@@ -75,6 +99,7 @@ class GPTQ:
             self.damp,
             self.act_order,
             self.mse,
+            self.refit_rounds,
         )
 
     @torch.no_grad()
@@ -82,26 +107,32 @@ class GPTQ:
         self,
         block: nn.Module,
         modules: dict[str, tuple[nn.Linear, QuantScheme]],
-        forward: Callable[[], None],
+        forward: Callable[..., object],
         on_module: ModuleDone,
     ) -> dict[str, QuantizedWeight]:
-        remaining = dict(modules)
+        linears = {n: lin for n, (lin, _) in modules.items()}
+        # One full pass: every Hessian of the float block, and the order of the steps.
+        stats = _Stats(linears, first_step_only=self.true_sequential)
+        try:
+            forward()
+        finally:
+            stats.remove()
+        missing = [n for n in modules if stats.calls[n] == 0]
+        if missing:
+            raise RuntimeError(f"{missing[0]} saw no calibration input; it is never called")
+        steps = stats.steps() if self.true_sequential else [list(modules)]
         out: dict[str, QuantizedWeight] = {}
-        while remaining:
-            stats = _Stats({n: lin for n, (lin, _) in remaining.items()})
-            try:
-                forward()
-            finally:
-                stats.remove()
-            if self.true_sequential:
-                first = next(iter(remaining))
-                step = [n for n in remaining if stats.same_input(n, first)] or [first]
-            else:
-                step = list(remaining)
+        for k, step in enumerate(steps):
+            if k:
+                # Later steps see the inputs the quantized earlier steps give them; the pass
+                # stops once the step's own Linears have run.
+                stats = _Stats({n: linears[n] for n in step})
+                try:
+                    forward(stop_after=[linears[n] for n in step])
+                finally:
+                    stats.remove()
             for name in step:
-                lin, scheme = remaining.pop(name)
-                if stats.n[name] == 0:
-                    raise RuntimeError(f"{name} saw no calibration input; it is never called")
+                lin, scheme = modules[name]
                 qw, _loss = gptq_quantize(lin.weight.data, stats.h[name], self.config(scheme))
                 err = install_quantized(lin, qw)
                 out[name] = qw

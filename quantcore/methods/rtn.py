@@ -40,10 +40,12 @@ def quantize_rtn(
     group_size: int,
     symmetric: bool,
     scale_dtype: torch.dtype | None = None,
+    rows_per_chunk: int = 4096,
 ) -> QuantizedWeight:
     """Quantize `weight` [out, in]; `group_size=-1` means one group per output channel.
 
-    A group size that does not divide `in_features` leaves a partial last group.
+    A group size that does not divide `in_features` leaves a partial last group. All groups of
+    a chunk of rows are rounded at once (the chunk bounds the float temporaries).
     """
     out_f, in_f = weight.shape
     gs = in_f if group_size == -1 else group_size
@@ -51,18 +53,24 @@ def quantize_rtn(
         raise ValueError(f"group_size must be positive or -1, got {group_size}")
     scale_dtype = scale_dtype or weight.dtype
     maxq = (1 << bits) - 1
-    codes = torch.empty(out_f, in_f, dtype=torch.uint8, device=weight.device)
     n_groups = (in_f + gs - 1) // gs
+    pad = n_groups * gs - in_f
+    codes = torch.empty(out_f, in_f, dtype=torch.uint8, device=weight.device)
     scales = torch.empty(out_f, n_groups, dtype=torch.float32, device=weight.device)
     zeros = torch.empty(out_f, n_groups, dtype=torch.float32, device=weight.device)
-    for g in range(n_groups):
-        cols = slice(g * gs, min((g + 1) * gs, in_f))
-        block = weight[:, cols].float()
-        scale, zero = group_params(block, bits, symmetric, scale_dtype)
-        q = torch.round(block / scale[:, None]) + zero[:, None]
-        codes[:, cols] = q.clamp(0, maxq).to(torch.uint8)
-        scales[:, g] = scale
-        zeros[:, g] = zero
+    for r0 in range(0, out_f, rows_per_chunk):
+        r1 = min(r0 + rows_per_chunk, out_f)
+        w = weight[r0:r1].float()
+        # Zero padding of a partial last group changes nothing: every range includes 0.
+        if pad:
+            w = torch.nn.functional.pad(w, (0, pad))
+        w = w.view(r1 - r0, n_groups, gs)
+        scale, zero = group_params(w.reshape(-1, gs), bits, symmetric, scale_dtype)
+        scale, zero = scale.view(r1 - r0, n_groups, 1), zero.view(r1 - r0, n_groups, 1)
+        q = torch.round(w / scale).add_(zero).clamp_(0, maxq).to(torch.uint8)
+        codes[r0:r1] = q.view(r1 - r0, -1)[:, :in_f]
+        scales[r0:r1] = scale[..., 0]
+        zeros[r0:r1] = zero[..., 0]
     return QuantizedWeight(
         codes=codes,
         scales=scales.to(scale_dtype),

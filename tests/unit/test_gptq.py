@@ -112,3 +112,40 @@ def test_hessian_accumulates_as_one_batch():
     flat = x.reshape(-1, 8)
     assert n == 150
     torch.testing.assert_close(h, 2 / 150 * flat.t() @ flat, rtol=1e-5, atol=1e-6)
+
+
+def _objective(w, h, qw):
+    d = (w - qw.dequantize(torch.float32)).double()
+    return float(torch.einsum("ri,ij,rj->", d, h.double(), d))
+
+
+def test_refit_scales_solves_least_squares_per_row():
+    """Against lstsq on each row's design matrix (columns: the codes of one group each)."""
+    from quantcore.methods.gptq import refit_scales
+
+    w, h, x = _problem(out_f=6, in_f=96)
+    qw, _ = gptq_quantize(w, h, GPTQConfig(4, 32, False), torch.float32)
+    fit = refit_scales(w, h, qw, ridge=0.0)
+    a = (qw.codes.float() - qw.zeros.float()[:, qw.group_index()]).double()
+    # ||(w - sum_g s_g a_g) X^T|| is the objective; X scaled as accumulate_hessian scales it.
+    xs = x.double() * (2 / x.shape[0]) ** 0.5
+    for r in range(w.shape[0]):
+        design = torch.stack(
+            [(a[r] * (qw.group_index() == g)) @ xs.t() for g in range(qw.scales.shape[1])], 1
+        )
+        ref = torch.linalg.lstsq(design, (w[r].double() @ xs.t())[:, None]).solution[:, 0]
+        torch.testing.assert_close(fit.scales[r].double(), ref, rtol=1e-3, atol=1e-6)
+    assert torch.equal(fit.codes, qw.codes) and torch.equal(fit.zeros, qw.zeros)
+
+
+@pytest.mark.parametrize(("bits", "dtype"), [(4, torch.float32), (3, torch.bfloat16)])
+def test_refit_never_raises_the_objective(bits, dtype):
+    w, h, _ = _problem(out_f=32, in_f=128, seed=3)
+    w = w.to(dtype)
+    plain, _ = gptq_quantize(w, h, GPTQConfig(bits, 32, False, act_order=True))
+    for rounds in (1, 3):
+        refit, _ = gptq_quantize(
+            w, h, GPTQConfig(bits, 32, False, act_order=True, refit_rounds=rounds)
+        )
+        assert refit.scales.dtype == dtype
+        assert _objective(w.float(), h, refit) < _objective(w.float(), h, plain)

@@ -66,6 +66,8 @@ def test_walker_quantizes_every_block_linear(model, tokenizer):
     original = {n: p.clone() for n, p in model.named_parameters()}
     samples = calibration_samples(tokenizer, "wiki-excerpt", 4, 64, seed=0)
     modules, layers = [], []
+    ran = []
+    handle = model.model.embed_tokens.register_forward_hook(lambda *_: ran.append(1))
     q = quantize_model(
         model,
         samples,
@@ -74,9 +76,13 @@ def test_walker_quantizes_every_block_linear(model, tokenizer):
         on_module=modules.append,
         on_layer=layers.append,
     )
+    handle.remove()
+    assert ran == []  # not even the embeddings
     prefix, blocks = decoder_layers(model)
     assert prefix == "model.layers" and len(q) == 7 * len(blocks) == len(modules)
     assert [e.layer for e in layers] == [1, 2] and all(e.num_layers == 2 for e in layers)
+    # RTN is data-free: no block ran, so no output error is claimed.
+    assert all(e.output_error is None for e in layers)
     assert all(0 < e.error < 0.1 for e in modules)
     for name, qw in q.items():
         w = original[f"{name}.weight"]
@@ -140,27 +146,48 @@ def test_gptq_is_true_sequential_and_beats_rtn(tiny_model_dir, tokenizer):
             done: list[str] = []
             self.steps.append([])
 
-            def counted():
-                self.steps[-1].append(len(done))
-                return forward()
+            def counted(stop_after=()):
+                self.steps[-1].append((len(done), len(stop_after)))
+                return forward(stop_after)
 
             return super().quantize_block(
                 block, modules, counted, lambda n, q, e: (done.append(n), on_module(n, q, e))
             )
 
-    errors = {}
+    errors, layers = {}, []
     for name, method in (("rtn", RTN()), ("gptq", Counting())):
         m = AutoModelForCausalLM.from_pretrained(tiny_model_dir).eval()
-        q = quantize_model(m, samples, method, SchemeMap(QuantScheme(3, 32, False)))
+        q = quantize_model(
+            m, samples, method, SchemeMap(QuantScheme(3, 32, False)), on_layer=layers.append
+        )
         assert len(q) == 14
         with torch.no_grad():
             a = base(input_ids=held_out).logits
             b = m(input_ids=held_out).logits
         errors[name] = float((a - b).pow(2).mean())
     # Llama blocks: q/k/v share an input, then o, then gate/up, then down: four steps, each
-    # collected after the earlier steps were quantized.
-    assert Counting.steps == [[0, 3, 4, 6], [0, 3, 4, 6]]
+    # collected after the earlier steps were quantized; after the first (full) pass, each
+    # pass stops once the step's own Linears ran.
+    assert Counting.steps == [[(0, 0), (3, 1), (4, 2), (6, 1)]] * 2
     assert errors["gptq"] < errors["rtn"]
+    # The first layer's reported output error, against one computed here from the float and
+    # the quantized first block on the same inputs (the walker reuses GPTQ's float pass).
+    captured = []
+    hook = base.model.layers[0].register_forward_pre_hook(
+        lambda _m, a, kw: captured.append((a, kw)), with_kwargs=True
+    )
+    with torch.no_grad():
+        base(input_ids=samples, use_cache=False)  # a cache would carry keys between calls
+    hook.remove()
+    ((args, kwargs),) = captured
+    with torch.no_grad():
+        ref = base.model.layers[0](*args, **kwargs)
+        out = m.model.layers[0](*args, **kwargs)
+    ref, out = (t[0] if isinstance(t, tuple) else t for t in (ref, out))
+    expected = float((ref - out).pow(2).sum() / ref.pow(2).sum())
+    gptq_first = layers[2]  # after RTN's two layers
+    assert gptq_first.layer == 1 and gptq_first.output_error is not None
+    assert gptq_first.output_error == pytest.approx(expected, rel=1e-3)
 
 
 def test_killed_run_resumes_bit_identical(tiny_model_dir, tokenizer, tmp_path):
@@ -209,3 +236,40 @@ def test_killed_run_resumes_bit_identical(tiny_model_dir, tokenizer, tmp_path):
 
     # A different request does not reuse the files.
     assert LayerCheckpoint(tmp_path / "ck", "key-b").layers_done == 0
+
+
+def test_a_stopped_pass_runs_only_up_to_its_modules(tiny_model_dir, tokenizer):
+    """forward(stop_after=...) leaves the Linears after those modules uncalled."""
+    from quantcore.methods.base import install_quantized
+    from quantcore.methods.rtn import quantize_rtn
+
+    samples = calibration_samples(tokenizer, "wiki-excerpt", 4, 32, seed=0)
+    m = AutoModelForCausalLM.from_pretrained(tiny_model_dir).eval()
+    calls: list[list[str]] = []
+
+    class Probe:
+        name, needs_calibration = "probe", True
+
+        def quantize_block(self, block, modules, forward, on_module):
+            seen: list[str] = []
+            handles = [
+                lin.register_forward_hook(lambda *_a, n=n: seen.append(n))
+                for n, (lin, _) in modules.items()
+            ]
+            full = forward()
+            calls.append(list(seen))
+            seen.clear()
+            assert forward(stop_after=[modules["self_attn.o_proj"][0]]) is None
+            calls.append(list(seen))
+            for h in handles:
+                h.remove()
+            out = {}
+            for n, (lin, s) in modules.items():
+                out[n] = quantize_rtn(lin.weight.data, s.bits, s.group_size, s.symmetric)
+                on_module(n, out[n], install_quantized(lin, out[n]))
+            assert len(full) == 1 and full[0].shape[:2] == samples.shape
+            return out
+
+    quantize_model(m, samples, Probe(), SchemeMap(QuantScheme(4, 32, False)), batch_size=4)
+    assert calls[1] == [n for n in calls[0] if not n.startswith("mlp.")]
+    assert calls[1][-1] == "self_attn.o_proj" and calls[0][-1] == "mlp.down_proj"
