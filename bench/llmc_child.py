@@ -86,6 +86,7 @@ def main() -> None:
     schemes = {"w4g64a": (4, 64, False), "w4g64s": (4, 64, True), "w3g64a": (3, 64, False)}
     schemes["w8pcs"] = (8, -1, True)
     method, scheme = config.split("-", 1)
+    method = {"gptqplain": "gptq"}.get(method, method)  # their GPTQ has one form
     bits, group, sym = schemes[scheme]
     data = torch.load(tokens_file)
     cal, ev = data["calibration"], data["evaluation"]

@@ -32,8 +32,15 @@ SCHEMES = {
     "w3g64a": (3, 64, False),
     "w8pcs": (8, -1, True),
 }
-METHODS = ("rtn", "gptq", "awq")
-DEFAULT = [f"{m}-{s}" for s in SCHEMES for m in METHODS]
+# name -> (job method, method options). `gptq` is the product's default GPTQ (AWQ scales
+# first, MSE range search); `gptqplain` is textbook GPTQ, for the like-for-like row.
+METHODS = {
+    "rtn": ("rtn", {}),
+    "gptq": ("gptq", {}),
+    "gptqplain": ("gptq", {"awq_scales": False, "mse": False}),
+    "awq": ("awq", {}),
+}
+DEFAULT = [f"{m}-{s}" for s in SCHEMES for m in ("rtn", "gptq", "awq")]
 
 
 def run_one(
@@ -54,7 +61,8 @@ def run_one(
     from quantcore.pipeline import Calibration, QuantizeRequest, quantize
     from quantcore.walker import install
 
-    method, scheme = config.split("-", 1)
+    name, scheme = config.split("-", 1)
+    method, options = METHODS[name]
     bits, group, sym = SCHEMES[scheme]
     smollm2.prepare(Path(constants.HF_HUB_CACHE))
     req = QuantizeRequest(
@@ -65,6 +73,7 @@ def run_one(
         symmetric=sym,
         calibration=Calibration(n_samples=samples, seq_len=seq_len, seed=0),
         ignore=("lm_head",),
+        method_options=options,
     )
     t0 = time.perf_counter()
     q = quantize(req, device="cpu")
@@ -152,7 +161,8 @@ def main() -> None:
     print(
         f"SmolLM2-135M-Instruct, calibration {a.samples}x{a.seq_len} tokens, "
         f"evaluation {a.windows}x{a.seq_len} held-out tokens; GPTQ with act-order "
-        "(static groups), block 128, damp 0.01; AWQ grid 20 with clipping"
+        "(static groups), block 128, damp 0.01 (gptq: with AWQ scales, grid 20, and MSE range "
+        "search; gptqplain: neither); AWQ grid 20 with clipping"
     )
     head = (
         f"{'config':<14}{'ppl base':>10}{'ppl quant':>11}{'change':>9}{'KL':>9}"

@@ -99,8 +99,19 @@ class GPTQOptions(BaseModel):
         description="Quantize columns by descending Hessian diagonal; groups stay static "
         "(contiguous), so kernels need no g_idx.",
     )
-    mse: bool = Field(default=False, description="Search clipped scales per group (slower).")
+    mse: bool = Field(
+        default=True,
+        description="Search each group's range for the lowest rounding error instead of "
+        "taking min/max (slower, more accurate).",
+    )
     true_sequential: bool = True
+    awq_scales: bool = Field(
+        default=True,
+        description="First search AWQ's activation-aware channel scales and fold them into the "
+        "producing norm or Linear (the float model is unchanged), then run GPTQ on the scaled "
+        "weights. False: plain GPTQ (faster, usually less accurate).",
+    )
+    awq_grid: int = Field(default=20, ge=1, le=100, description="AWQ scale exponents tried.")
 
 
 class AWQOptions(BaseModel):

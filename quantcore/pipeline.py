@@ -246,13 +246,17 @@ def quantize(
         )
 
     def layer_progress(e: LayerEvent) -> None:
-        error = "" if e.output_error is None else f": output error {e.output_error:.2e}"
+        error = (
+            "weights rounded (data-free: no output error)"
+            if e.output_error is None
+            else f"output error {e.output_error:.2e}"
+        )
         on_progress(
             Progress(
                 "quantize",
                 e.layer,
                 e.num_layers,
-                f"layer {e.layer}/{e.num_layers} done{error} ({e.seconds:.2f}s)",
+                f"layer {e.layer}/{e.num_layers} done: {error} ({e.seconds:.2f}s)",
                 milestone=True,
             )
         )

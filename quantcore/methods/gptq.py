@@ -5,7 +5,7 @@ input (Frantar et al., 2022), with lazy block updates."""
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 
 import torch
 
@@ -22,9 +22,6 @@ class GPTQConfig:
     damp: float = 0.01  # fraction of the mean Hessian diagonal added to the diagonal
     act_order: bool = False  # quantize columns by descending Hessian diagonal
     mse: bool = False  # search a shrunken range per group instead of min/max
-    # Rounds of: refit the scales to the codes by least squares under H, then (from the second
-    # round on) run GPTQ again with those scales held fixed. 0: plain GPTQ.
-    refit_rounds: int = 0
 
 
 def accumulate_hessian(h: torch.Tensor, n: int, x: torch.Tensor) -> tuple[torch.Tensor, int]:
@@ -89,46 +86,8 @@ def gptq_quantize(
     Returns the quantized weight and GPTQ's loss estimate sum (w - q)^2 / [H^-1]_ii / 2.
     With act-order, groups stay static: their scales come from the unquantized weight and
     group membership stays contiguous in the original column order (no g_idx needed).
-    With `cfg.refit_rounds`, the scales are then refit to the codes (`refit_scales`), and each
-    further round quantizes again with the refit scales held fixed.
     """
-    qw, loss = _gptq_pass(weight, hessian, cfg, scale_dtype or weight.dtype, None)
-    best = qw
-    for r in range(cfg.refit_rounds):
-        if r:
-            qw, loss = _gptq_pass(weight, hessian, cfg, qw.scales.dtype, qw)
-        qw = refit_scales(weight, hessian, qw)
-        # Rows are independent: each keeps the round that served it best.
-        better = row_objective(weight, hessian, qw) < row_objective(weight, hessian, best)
-        best = _pick_rows(better, qw, best)
-    return best, loss
-
-
-def row_objective(weight: torch.Tensor, hessian: torch.Tensor, qw: QuantizedWeight) -> torch.Tensor:
-    """GPTQ's objective per output row: (w - w_q) H (w - w_q)^T."""
-    d = weight.float() - qw.dequantize(torch.float32)
-    return ((d @ hessian.float()) * d).sum(dim=1)
-
-
-def _pick_rows(take: torch.Tensor, a: QuantizedWeight, b: QuantizedWeight) -> QuantizedWeight:
-    """Rows of `a` where `take`, else of `b` (same scheme)."""
-    t = take[:, None]
-    return replace(
-        b,
-        codes=torch.where(t, a.codes, b.codes),
-        scales=torch.where(t, a.scales, b.scales),
-        zeros=torch.where(t, a.zeros, b.zeros),
-    )
-
-
-def _gptq_pass(
-    weight: torch.Tensor,
-    hessian: torch.Tensor,
-    cfg: GPTQConfig,
-    scale_dtype: torch.dtype,
-    fixed: QuantizedWeight | None,
-) -> tuple[QuantizedWeight, float]:
-    """One GPTQ pass; with `fixed`, its scales and zero points are used as they are."""
+    scale_dtype = scale_dtype or weight.dtype
     out_f, in_f = weight.shape
     gs = in_f if cfg.group_size == -1 else cfg.group_size
     n_groups = (in_f + gs - 1) // gs
@@ -142,11 +101,8 @@ def _gptq_pass(
 
     scales = torch.empty(out_f, n_groups, device=w.device)
     zeros = torch.empty(out_f, n_groups, device=w.device)
-    static = cfg.act_order or fixed is not None
-    if fixed is not None:
-        scales.copy_(fixed.scales.float())
-        zeros.copy_(fixed.zeros.float())
-    elif static:
+    static = cfg.act_order
+    if static:
         for g in range(n_groups):
             scales[:, g], zeros[:, g] = _params(w[:, g * gs : (g + 1) * gs], cfg, scale_dtype)
     if cfg.act_order:
@@ -196,39 +152,3 @@ def _gptq_pass(
         symmetric=cfg.symmetric,
     )
     return qw, float(losses.sum())
-
-
-@torch.no_grad()
-def refit_scales(
-    weight: torch.Tensor, hessian: torch.Tensor, qw: QuantizedWeight, ridge: float = 1e-6
-) -> QuantizedWeight:
-    """The scales that minimise GPTQ's objective (w - w_q) H (w - w_q)^T for the codes and zero
-    points `qw` already has: per row, a least-squares problem in its group scales.
-
-    With a = codes - zero, w_q = sum_g s_g a_g, so the normal equations are
-    sum_g' (a_g H a_g'^T) s_g' = a_g H w^T: one n_groups x n_groups system per row, solved in a
-    batch. A scale that comes out non-positive or non-finite keeps its old value, and a row
-    whose refit does not lower the objective (rounding to the storage dtype) keeps its scales.
-    """
-    w = weight.float()
-    h = hessian.float()
-    g_of = qw.group_index()
-    n_groups = qw.scales.shape[1]
-    a = qw.codes.float() - qw.zeros.float()[:, g_of]
-    gram = torch.empty(w.shape[0], n_groups, n_groups, device=w.device)
-    rhs = torch.empty(w.shape[0], n_groups, device=w.device)
-    for g in range(n_groups):
-        mg = g_of == g
-        ah = a[:, mg] @ h[mg]  # [out, in]: a_g H, per row
-        rhs[:, g] = (ah * w).sum(dim=1)
-        gram[:, g] = torch.zeros_like(rhs).index_add_(1, g_of, ah * a)
-    # A little ridge, relative to each row's diagonal, for groups whose codes are all zero.
-    diag = gram.diagonal(dim1=1, dim2=2)
-    eye = torch.eye(n_groups, device=w.device)
-    gram = gram + ridge * (diag.mean(dim=1, keepdim=True)[..., None] + 1e-12) * eye
-    new = torch.linalg.solve(gram, rhs.unsqueeze(-1)).squeeze(-1)
-    old = qw.scales.float()
-    new = torch.where(torch.isfinite(new) & (new > 0), new, old).to(qw.scales.dtype)
-
-    fitted = replace(qw, scales=new)
-    return _pick_rows(row_objective(w, h, fitted) < row_objective(w, h, qw), fitted, qw)

@@ -3,6 +3,13 @@
 True-sequential: Linears that read the same input (q/k/v; gate/up) form one step; each step's
 Hessians are collected with the earlier steps already quantized, so later Linears see the
 inputs the quantized model will really give them.
+
+By default each block first gets AWQ's activation-aware channel scales (searched on the same
+calibration inputs, folded into the producing norm or Linear so the float block is unchanged):
+salient input channels are scaled up before GPTQ rounds them; and each group's range is
+searched for the lowest rounding error (`mse`) instead of taken from min/max. On SmolLM2 w4 g64
+asym, 8x512 calibration tokens (bench/quality.py): plain GPTQ +21.4% perplexity, with `mse`
++17.9%, with AWQ scales +14.2%, with both +11.5%. `awq_scales=False, mse=False` is plain GPTQ.
 """
 
 from __future__ import annotations
@@ -12,6 +19,7 @@ from collections.abc import Callable
 import torch
 from torch import nn
 
+from quantcore.methods.awq_method import AWQ
 from quantcore.methods.base import ModuleDone, QuantScheme, install_quantized
 from quantcore.methods.gptq import GPTQConfig, accumulate_hessian, gptq_quantize
 from quantcore.qtensor import QuantizedWeight
@@ -79,16 +87,18 @@ class GPTQ:
         block_size: int = 128,
         damp: float = 0.01,
         act_order: bool = True,
-        mse: bool = False,
+        mse: bool = True,
         true_sequential: bool = True,
-        refit_rounds: int = 0,
+        awq_scales: bool = True,
+        awq_grid: int = 20,
     ):
         self.block_size = block_size
         self.damp = damp
         self.act_order = act_order
         self.mse = mse
         self.true_sequential = true_sequential
-        self.refit_rounds = refit_rounds
+        self.awq_scales = awq_scales
+        self.awq_grid = awq_grid
 
     def config(self, scheme: QuantScheme) -> GPTQConfig:
         return GPTQConfig(
@@ -99,7 +109,6 @@ class GPTQ:
             self.damp,
             self.act_order,
             self.mse,
-            self.refit_rounds,
         )
 
     @torch.no_grad()
@@ -110,6 +119,10 @@ class GPTQ:
         forward: Callable[..., object],
         on_module: ModuleDone,
     ) -> dict[str, QuantizedWeight]:
+        if self.awq_scales:
+            # AWQ's activation-aware channel scales, folded into the producing norm or Linear
+            # (the float block is unchanged); GPTQ then rounds the scaled weights.
+            AWQ(grid=self.awq_grid, clip=False).scale_block(block, modules, forward)
         linears = {n: lin for n, (lin, _) in modules.items()}
         # One full pass: every Hessian of the float block, and the order of the steps.
         stats = _Stats(linears, first_step_only=self.true_sequential)

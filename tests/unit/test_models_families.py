@@ -89,7 +89,8 @@ def samples(tokenizer):
     return calibration_samples(tokenizer, "wiki-excerpt", 4, 32, seed=0)
 
 
-METHODS = {"rtn": RTN, "gptq": GPTQ, "awq": lambda: AWQ(grid=5, clip_grid=5)}
+# GPTQ with its default AWQ scales (a coarse grid): the folds into each family's norms too.
+METHODS = {"rtn": RTN, "gptq": lambda: GPTQ(awq_grid=5), "awq": lambda: AWQ(grid=5, clip_grid=5)}
 
 
 @torch.no_grad()

@@ -155,7 +155,7 @@ def test_gptq_is_true_sequential_and_beats_rtn(tiny_model_dir, tokenizer):
             )
 
     errors, layers = {}, []
-    for name, method in (("rtn", RTN()), ("gptq", Counting())):
+    for name, method in (("rtn", RTN()), ("gptq", Counting(awq_scales=False))):
         m = AutoModelForCausalLM.from_pretrained(tiny_model_dir).eval()
         q = quantize_model(
             m, samples, method, SchemeMap(QuantScheme(3, 32, False)), on_layer=layers.append
@@ -200,7 +200,9 @@ def test_killed_run_resumes_bit_identical(tiny_model_dir, tokenizer, tmp_path):
     def fresh():
         return AutoModelForCausalLM.from_pretrained(tiny_model_dir).eval()
 
-    straight = quantize_model(fresh(), samples, GPTQ(), schemes)
+    # GPTQ with its AWQ scales: the folded norms must come back on resume too.
+    straight_model = fresh()
+    straight = quantize_model(straight_model, samples, GPTQ(awq_grid=5), schemes)
 
     # First run: stopped after layer 1 (a cancel here; a kill leaves the same files).
     layers: list = []
@@ -208,7 +210,7 @@ def test_killed_run_resumes_bit_identical(tiny_model_dir, tokenizer, tmp_path):
         quantize_model(
             fresh(),
             samples,
-            GPTQ(),
+            GPTQ(awq_grid=5),
             schemes,
             on_layer=layers.append,
             should_cancel=lambda: len(layers) >= 1,
@@ -222,7 +224,7 @@ def test_killed_run_resumes_bit_identical(tiny_model_dir, tokenizer, tmp_path):
     resumed = quantize_model(
         model,
         samples,
-        GPTQ(),
+        GPTQ(awq_grid=5),
         schemes,
         on_layer=resumed_layers.append,
         checkpoint=LayerCheckpoint(tmp_path / "ck", "key-a"),
@@ -233,6 +235,15 @@ def test_killed_run_resumes_bit_identical(tiny_model_dir, tokenizer, tmp_path):
         assert torch.equal(resumed[name].codes, qw.codes), name
         assert torch.equal(resumed[name].scales, qw.scales), name
         assert torch.equal(dict(model.named_parameters())[f"{name}.weight"], qw.dequantize())
+    original = dict(fresh().named_parameters())
+    folded = [
+        n
+        for n, p in straight_model.named_parameters()
+        if "norm" in n and not torch.equal(p, original[n])
+    ]
+    assert folded  # the AWQ scales went into norms
+    for n, p in straight_model.named_parameters():
+        assert torch.equal(dict(model.named_parameters())[n], p), n
 
     # A different request does not reuse the files.
     assert LayerCheckpoint(tmp_path / "ck", "key-b").layers_done == 0
