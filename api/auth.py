@@ -1,6 +1,10 @@
 """Who is calling: an API token from `Authorization: Bearer <token>` (or the dashboard's
 `qf_token` cookie, same check). No token or an unknown one is 401; a token without the
-scope an operation needs is 403; another team's job is 404, so ids never leak."""
+scope an operation needs is 403; another team's job is 404, so ids never leak.
+
+A live token is remembered for QF_TOKEN_CACHE_S seconds (jobs.auth.PrincipalCache), so most
+requests do not read the token table; a token revoked through another process is refused
+within that bound."""
 
 from __future__ import annotations
 
@@ -9,9 +13,9 @@ from typing import Annotated
 
 from fastapi import Depends, HTTPException, Request
 from fastapi.security import APIKeyCookie, HTTPAuthorizationCredentials, HTTPBearer
+from starlette.concurrency import run_in_threadpool
 
-from api.deps import SessionDep
-from jobs.auth import Principal, authenticate
+from jobs.auth import Principal, principal_for, token_digest
 
 bearer = HTTPBearer(auto_error=False, description="An API token: `Authorization: Bearer qf_...`")
 cookie = APIKeyCookie(name="qf_token", auto_error=False, description="The dashboard's cookie.")
@@ -23,26 +27,36 @@ def _unauthorized(message: str) -> HTTPException:
     return HTTPException(401, message, headers={"WWW-Authenticate": "Bearer"})
 
 
-def current_principal(
+def _look_up(request: Request, digest: str) -> Principal | None:
+    with request.app.state.session_factory() as session:
+        return principal_for(session, digest)
+
+
+async def current_principal(
     request: Request,
-    session: SessionDep,
     creds: Annotated[HTTPAuthorizationCredentials | None, Depends(bearer)],
     cookie_token: Annotated[str | None, Depends(cookie)],
 ) -> Principal:
     token = creds.credentials if creds else cookie_token
     if not token:
         raise _unauthorized("no API token: send `Authorization: Bearer <token>`")
-    principal = authenticate(session, request.app.state.token_pepper, token)
-    # End the read now: a request must not hold a pooled connection while it waits for a
-    # worker thread to run its endpoint (under load that starves the pool).
-    session.rollback()
-    if principal is None:
+    digest = token_digest(request.app.state.token_pepper, token)
+    if digest is None:
         raise _unauthorized("the API token is unknown or revoked")
+    cache = request.app.state.principals
+    principal = cache.get(digest)
+    if principal is None:
+        # Its own short session: the connection is back in the pool before the endpoint
+        # waits for a worker thread (under load, holding it across that wait starves the pool).
+        principal = await run_in_threadpool(_look_up, request, digest)
+        if principal is None:
+            raise _unauthorized("the API token is unknown or revoked")
+        cache.put(digest, principal)
     return principal
 
 
 def require(scope: str) -> Callable[..., Principal]:
-    def check(principal: Annotated[Principal, Depends(current_principal)]) -> Principal:
+    async def check(principal: Annotated[Principal, Depends(current_principal)]) -> Principal:
         if not principal.can(scope):
             have = ", ".join(sorted(principal.scopes)) or "none"
             raise HTTPException(

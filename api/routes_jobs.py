@@ -3,24 +3,32 @@ Every route sees only the caller's team."""
 
 from __future__ import annotations
 
+import asyncio
 import json
 import logging
-import time
-from collections.abc import Iterator
+from collections.abc import AsyncIterator
 from typing import Annotated, Literal
 
 from fastapi import APIRouter, Header, HTTPException, Query, Request, Response
 from fastapi.responses import StreamingResponse
-from sqlalchemy import select, update
+from sqlalchemy import select
 from sqlalchemy.orm import Session
+from starlette.concurrency import run_in_threadpool
 
 from api.auth import Reader, Submitter
 from api.deps import SessionDep, SettingsDep
-from api.schemas import ArtifactFile, ArtifactsOut, JobOut, JobPage
+from api.schemas import (
+    LIST_QUERY,
+    ArtifactFile,
+    ArtifactsOut,
+    JobOut,
+    JobPage,
+    job_page_json,
+)
 from jobs import lifecycle, submission
 from jobs.auth import Principal
-from jobs.models import Job, OutboxEntry, utcnow
-from jobs.queue import enqueue
+from jobs.dispatch import send_now
+from jobs.models import Job, OutboxEntry
 from jobs.spec import JobSpec, Method
 from jobs.states import TERMINAL, State
 
@@ -122,15 +130,12 @@ def create_job(
     if not created:
         response.status_code = 200
         return JobOut.of(job)
-    entry = session.scalars(select(OutboxEntry).where(OutboxEntry.job_id == job.id)).first()
-    session.commit()  # ends the transaction: no database connection is held while sending
-    # Fast path: hand it to the broker now. If that fails the job is still safe in the outbox
-    # and the dispatcher sends it.
+    entry = session.scalars(select(OutboxEntry.id).where(OutboxEntry.job_id == job.id)).one()
+    session.commit()  # the job is safe in the outbox from here on
+    # Fast path: hand it to the broker now (unless the dispatcher got there first). If that
+    # fails the dispatcher sends it.
     try:
-        enqueue(settings, job.id, entry.queue)
-        session.execute(
-            update(OutboxEntry).where(OutboxEntry.id == entry.id).values(sent_at=utcnow())
-        )
+        send_now(session, settings, entry)
         session.commit()
     except Exception:
         session.rollback()
@@ -208,7 +213,7 @@ def list_jobs(
         list[str] | None,
         Query(description="key=value; repeat for several (all must match)."),
     ] = None,
-) -> JobPage:
+) -> Response:
     """The team's jobs, newest first, narrowed by every filter given."""
     where = lifecycle.JobFilter(
         team=principal.team,
@@ -218,10 +223,12 @@ def list_jobs(
         labels=_labels(label or []),
     )
     try:
-        jobs, nxt = lifecycle.list_jobs(session, limit, cursor, where)
+        rows, nxt = lifecycle.list_job_rows(session, LIST_QUERY, limit, cursor, where)
     except ValueError as e:
         raise HTTPException(422, f"cursor: {e}") from e
-    return released(session, JobPage(items=[JobOut.of(j) for j in jobs], next_cursor=nxt))
+    session.rollback()  # the rows are plain values: the connection can go back now
+    # Built straight from the rows (see api.schemas.job_page_json); response_model documents it.
+    return Response(job_page_json(rows, nxt), media_type="application/json")
 
 
 @router.get(
@@ -300,22 +307,28 @@ def job_events(
         raise HTTPException(422, f"Last-Event-ID: {last_event_id!r} is not an event id") from None
     make_session = request.app.state.session_factory
 
-    def stream() -> Iterator[str]:
+    def read(after: int) -> tuple[bool, list[tuple[int, str, dict]]]:
+        with make_session() as s:
+            # The state first: once it is final, every event before it is committed.
+            terminal = State(s.get(Job, job_id).state) in TERMINAL
+            events = lifecycle.events_after(s, job_id, after)
+            return terminal, [(e.id, e.kind, e.data) for e in events]
+
+    async def stream() -> AsyncIterator[str]:
+        # Asynchronous between polls: a watcher holds a worker thread only while it reads,
+        # so many open streams do not use up the thread pool the other calls need.
         last, quiet = start, 0.0
         while True:
-            with make_session() as s:
-                # The state first: once it is final, every event before it is committed.
-                terminal = State(s.get(Job, job_id).state) in TERMINAL
-                events = lifecycle.events_after(s, job_id, last)
-            for e in events:
-                yield _sse(e.id, e.kind, e.data)
-                last = e.id
+            terminal, events = await run_in_threadpool(read, last)
+            for event_id, kind, data in events:
+                yield _sse(event_id, kind, data)
+                last = event_id
             if events:
                 quiet = 0.0
                 continue
             if terminal:
                 return
-            time.sleep(EVENT_POLL_S)
+            await asyncio.sleep(EVENT_POLL_S)
             quiet += EVENT_POLL_S
             if quiet >= KEEPALIVE_S:
                 yield ": keep-alive\n\n"

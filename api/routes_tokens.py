@@ -76,12 +76,16 @@ def list_tokens(
     operation_id="revoke_token",
     responses={404: {"description": "No such token.", **_ERR}} | AUTH,
 )
-def revoke_token(token_id: str, session: SessionDep, principal: Caller) -> TokenOut:
-    """Revoke a token (admin; any token may also revoke itself). It stops working at once."""
+def revoke_token(
+    token_id: str, request: Request, session: SessionDep, principal: Caller
+) -> TokenOut:
+    """Revoke a token (admin; any token may also revoke itself). This API process refuses it
+    at once; other API processes within QF_TOKEN_CACHE_S seconds (5 by default)."""
     if token_id != principal.token_id and not principal.can("admin"):
         raise HTTPException(403, "only an admin token may revoke other tokens")
     row = auth.revoke_token(session, token_id)
     if row is None:
         raise HTTPException(404, f"no token with id {token_id}")
     session.commit()
+    request.app.state.principals.forget(token_id)
     return TokenOut(**_out(row))

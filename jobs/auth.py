@@ -10,6 +10,8 @@ import hmac
 import os
 import re
 import secrets
+import threading
+import time
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -111,11 +113,21 @@ def create_token(
     return row, plain
 
 
-def authenticate(session: Session, key: bytes, token: str) -> Principal | None:
-    """The principal of a live token, or None (unknown, revoked, malformed)."""
+def token_digest(key: bytes, token: str) -> str | None:
+    """The stored form of `token`, or None for something that cannot be a token."""
     if not token.startswith(TOKEN_PREFIX) or len(token) > 200:
         return None
-    digest = hash_token(token, key)
+    return hash_token(token, key)
+
+
+def authenticate(session: Session, key: bytes, token: str) -> Principal | None:
+    """The principal of a live token, or None (unknown, revoked, malformed)."""
+    digest = token_digest(key, token)
+    return None if digest is None else principal_for(session, digest)
+
+
+def principal_for(session: Session, digest: str) -> Principal | None:
+    """The principal of the live token stored as `digest`, or None."""
     row = session.scalars(select(ApiToken).where(ApiToken.token_hash == digest)).first()
     # The lookup is by digest; compare again in constant time before trusting it.
     if row is None or row.revoked_at is not None or not hmac.compare_digest(row.token_hash, digest):
@@ -135,3 +147,43 @@ def revoke_token(session: Session, token_id: str) -> ApiToken | None:
     if row is not None and row.revoked_at is None:
         row.revoked_at = utcnow()
     return row
+
+
+class PrincipalCache:
+    """Recently seen live tokens (by digest) and their principals, for `ttl_s` seconds, so
+    that a request need not read the token table. The price is the bound on revocation: a
+    token revoked elsewhere (the CLI, another API process) keeps working here for at most
+    `ttl_s`; `forget` makes a revocation through this process take effect at once. Unknown
+    and revoked tokens are never cached. A principal carries its token's team and scopes,
+    which never change, so a hit is exactly what the table would say but for revocation."""
+
+    def __init__(self, ttl_s: float, max_entries: int = 10_000) -> None:
+        self.ttl_s = ttl_s
+        self.max_entries = max_entries
+        self._entries: dict[str, tuple[float, Principal]] = {}
+        self._lock = threading.Lock()
+
+    def get(self, digest: str) -> Principal | None:
+        hit = self._entries.get(digest)
+        if hit is None:
+            return None
+        if time.monotonic() >= hit[0]:
+            with self._lock:
+                self._entries.pop(digest, None)
+            return None
+        return hit[1]
+
+    def put(self, digest: str, principal: Principal) -> None:
+        if self.ttl_s <= 0:
+            return
+        with self._lock:
+            if len(self._entries) >= self.max_entries:
+                # Many distinct live tokens at once: start over rather than grow.
+                self._entries.clear()
+            self._entries[digest] = (time.monotonic() + self.ttl_s, principal)
+
+    def forget(self, token_id: str) -> None:
+        """Drop the token `token_id` (revoked through this process)."""
+        with self._lock:
+            for digest in [d for d, (_, p) in self._entries.items() if p.token_id == token_id]:
+                del self._entries[digest]

@@ -32,21 +32,48 @@ def send_entry(session: Session, settings: Settings, entry: OutboxEntry, send: S
 
 
 def send_pending(factory: sessionmaker, settings: Settings, send: Send = enqueue) -> int:
-    """Send every unsent entry, oldest first; stops at the first broker error."""
+    """Send every unsent entry, oldest first, each in its own transaction with its row
+    locked; stops at the first broker error. On PostgreSQL an entry locked by someone else
+    (the API sending it this very moment, see send_now) is skipped rather than sent twice:
+    a second delivery is harmless (the claim is fenced) but costs the worker a fresh child
+    process, and the next job would wait for it."""
     sent = 0
     with factory() as session:
-        entries = session.scalars(
-            select(OutboxEntry).where(OutboxEntry.sent_at.is_(None)).order_by(OutboxEntry.id)
-        ).all()
-        for entry in entries:
+        while True:
+            entry = session.scalars(
+                select(OutboxEntry)
+                .where(OutboxEntry.sent_at.is_(None))
+                .order_by(OutboxEntry.id)
+                .limit(1)
+                .with_for_update(skip_locked=True)
+            ).first()
+            if entry is None:
+                break
             try:
                 send_entry(session, settings, entry, send)
             except Exception:
-                log.exception("broker unreachable; %d entries wait", len(entries) - sent)
+                session.rollback()
+                log.exception("broker unreachable; the unsent entries wait")
                 break
             session.commit()
             sent += 1
     return sent
+
+
+def send_now(session: Session, settings: Settings, entry_id: int, send: Send = enqueue) -> bool:
+    """Send one committed entry at once (the API's fast path) unless the dispatcher has sent
+    it meanwhile; its row stays locked until the caller commits, so the dispatcher skips it.
+    True when this call sent it. Raises when the broker is down (the caller rolls back and
+    the dispatcher sends it later)."""
+    entry = session.scalars(
+        select(OutboxEntry)
+        .where(OutboxEntry.id == entry_id, OutboxEntry.sent_at.is_(None))
+        .with_for_update()
+    ).first()
+    if entry is None:
+        return False
+    send_entry(session, settings, entry, send)
+    return True
 
 
 def _lost_workers(session: Session, job_ids: list[str]) -> list[tuple[str, str | None]]:

@@ -12,7 +12,7 @@ from dataclasses import dataclass
 from datetime import datetime, timedelta
 from typing import Any
 
-from sqlalchemy import and_, or_, select, update
+from sqlalchemy import Row, Select, and_, or_, select, update
 from sqlalchemy.orm import Session
 
 from jobs.models import Job, JobEvent, JobMeasurement, OutboxEntry, utcnow
@@ -419,7 +419,7 @@ def requeue_unclaimed(session: Session, older_than: datetime) -> list[str]:
 
 
 # Cursor pagination over (created_at, id), newest first: stable under concurrent inserts.
-def encode_cursor(job: Job) -> str:
+def encode_cursor(job: Job | Row) -> str:
     raw = json.dumps([job.created_at.isoformat(), job.id]).encode()
     return base64.urlsafe_b64encode(raw).decode().rstrip("=")
 
@@ -447,7 +447,31 @@ class JobFilter:
 def list_jobs(
     session: Session, limit: int, cursor: str | None = None, where: JobFilter | None = None
 ) -> tuple[list[Job], str | None]:
-    q = select(Job).order_by(Job.created_at.desc(), Job.id.desc())
+    rows = list(session.scalars(_listing(select(Job), limit, cursor, where)))
+    nxt = encode_cursor(rows[limit - 1]) if len(rows) > limit else None
+    return rows[:limit], nxt
+
+
+def list_job_rows(
+    session: Session,
+    query: Select,
+    limit: int,
+    cursor: str | None = None,
+    where: JobFilter | None = None,
+) -> tuple[list[Row], str | None]:
+    """list_jobs as plain rows of `query`, a select of Job columns that includes
+    Job.created_at and Job.id: no ORM objects, and only what the caller shows. Build the
+    select once and reuse it (making one costs more than running it)."""
+    # On the session's connection: a Core query, without the ORM's per-row loading.
+    rows = session.connection().execute(_listing(query, limit, cursor, where)).all()
+    nxt = encode_cursor(rows[limit - 1]) if len(rows) > limit else None
+    return rows[:limit], nxt
+
+
+def _listing(q: Select, limit: int, cursor: str | None, where: JobFilter | None) -> Select:
+    """Newest first, narrowed by `where`, after `cursor`, one more than a page (to tell
+    whether there is a next one)."""
+    q = q.order_by(Job.created_at.desc(), Job.id.desc())
     where = where or JobFilter()
     if where.team is not None:
         q = q.where(Job.team == where.team)
@@ -462,9 +486,7 @@ def list_jobs(
     if cursor:
         created, job_id = decode_cursor(cursor)
         q = q.where(or_(Job.created_at < created, and_(Job.created_at == created, Job.id < job_id)))
-    rows = list(session.scalars(q.limit(limit + 1)))
-    nxt = encode_cursor(rows[limit - 1]) if len(rows) > limit else None
-    return rows[:limit], nxt
+    return q.limit(limit + 1)
 
 
 def overdue_cancels(session: Session, asked_before: datetime) -> list[Job]:

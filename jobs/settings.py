@@ -74,6 +74,14 @@ class Settings(BaseSettings):
         description="Server-side secret API tokens are hashed with (HMAC-SHA256). Required "
         "outside the embedded default, where a random one is kept in home/token-pepper.",
     )
+    token_cache_s: float = Field(
+        default=5.0,
+        ge=0,
+        description="An API process remembers a live token this long instead of reading the "
+        "token table on every request: a token revoked through another process (the CLI, "
+        "another API replica) is refused within this many seconds; one revoked through this "
+        "process at once. 0: read the table on every request.",
+    )
     calibration_max_bytes: int = Field(
         default=32 * 1024 * 1024, ge=1, description="Largest calibration upload."
     )

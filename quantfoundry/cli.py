@@ -53,14 +53,42 @@ def _require_migrated() -> None:
 
 
 @app.command()
-def serve(host: str = "127.0.0.1", port: int = 8000) -> None:
+def serve(
+    host: str = "127.0.0.1",
+    port: int = 8000,
+    workers: int = typer.Option(
+        1,
+        min=1,
+        envvar="QF_API_WORKERS",
+        help="API processes sharing the port. One process serves requests on one core (the "
+        "GIL); give it about one per core the API may use.",
+    ),
+    access_log: bool = typer.Option(True, help="Log a line per request."),
+) -> None:
     """Run the REST API."""
     import uvicorn
 
-    from api.app import create_app
-
     _require_migrated()
-    uvicorn.run(create_app(), host=host, port=port, log_level="info")
+    if workers == 1:
+        from api.app import serving_app
+
+        uvicorn.run(serving_app(), host=host, port=port, log_level="info", access_log=access_log)
+        return
+    from jobs.auth import pepper
+
+    # Several processes: uvicorn needs the app as an import string, built in each process
+    # (each has its own connection pool). Create the embedded default's pepper file here
+    # first, so the processes do not race to create it.
+    pepper(get_settings())
+    uvicorn.run(
+        "api.app:serving_app",
+        factory=True,
+        host=host,
+        port=port,
+        workers=workers,
+        log_level="info",
+        access_log=access_log,
+    )
 
 
 @app.command()
@@ -160,7 +188,8 @@ def token_list() -> None:
 
 @token_app.command("revoke")
 def token_revoke(token_id: str) -> None:
-    """Revoke a token by id; it stops working at once."""
+    """Revoke a token by id; running API processes refuse it within QF_TOKEN_CACHE_S seconds
+    (5 by default: each remembers a live token that long)."""
     from jobs.auth import revoke_token
     from jobs.db import session_scope
 

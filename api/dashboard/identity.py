@@ -11,7 +11,7 @@ from dataclasses import dataclass
 from fastapi import Request
 from sqlalchemy.orm import Session
 
-from jobs.auth import authenticate
+from jobs.auth import principal_for, token_digest
 
 COOKIE = "qf_token"
 
@@ -42,9 +42,15 @@ def token_of(request: Request) -> str | None:
 def resolve(request: Request, session: Session, token: str | None) -> Viewer | None:
     """The viewer holding `token`, checked exactly as the API checks it; None when the token
     is missing, unknown or revoked."""
-    if not token:
+    digest = token_digest(request.app.state.token_pepper, token) if token else None
+    if digest is None:
         return None
-    principal = authenticate(session, request.app.state.token_pepper, token)
+    # The API's cache too: the same revocation bound (QF_TOKEN_CACHE_S) as the REST calls.
+    cache = request.app.state.principals
+    principal = cache.get(digest)
     if principal is None:
-        return None
+        principal = principal_for(session, digest)
+        if principal is None:
+            return None
+        cache.put(digest, principal)
     return Viewer(name=principal.name, team=principal.team, scopes=principal.scopes)

@@ -274,6 +274,10 @@ def test_api_service_probes_and_ingress():
     assert c["readinessProbe"]["httpGet"]["path"] == "/readyz"
     assert c["livenessProbe"]["httpGet"]["path"] == "/healthz"
     assert c["args"][:1] == ["serve"] and "0.0.0.0" in c["args"]
+    # API processes per pod: one by default, `api.workers` when set.
+    assert c["args"][-2:] == ["--workers", "1"]
+    prod = by_kind(rendered("production"), "Deployment")[f"{FULL}-api"]
+    assert prod["spec"]["template"]["spec"]["containers"][0]["args"][-2:] == ["--workers", "2"]
     # With the HPA on, the Deployment leaves replicas to it.
     assert "replicas" not in dep["spec"]
     hpa = by_kind(objects, "HorizontalPodAutoscaler")[f"{FULL}-api"]

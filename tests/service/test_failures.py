@@ -8,6 +8,7 @@ from __future__ import annotations
 import os
 import signal
 import subprocess
+import sys
 import threading
 import time
 import uuid
@@ -304,3 +305,111 @@ def test_concurrent_same_key_loses_with_a_conflict(postgres_url):
     finally:
         first.close()
         second.close()
+
+
+def test_two_api_processes_revocation_bound_and_list_pages(shared, tmp_path):
+    """`serve --workers 2` on PostgreSQL: two API processes share the port, each with its own
+    token cache (QF_TOKEN_CACHE_S=1 here). A token revoked through the CLI is refused by
+    every process within that bound; the list page (built from plain rows) says what GET
+    says for each job."""
+    port = free_port()
+    url = f"http://127.0.0.1:{port}"
+    env = {**shared.env, "QF_TOKEN_CACHE_S": "1"}
+    log = open(tmp_path / "api2.log", "w")  # noqa: SIM115 - owned by the child
+    api = subprocess.Popen(
+        [sys.executable, "-m", "quantfoundry", "serve", "--port", str(port), "--workers", "2"],
+        env=env,
+        stdout=log,
+        stderr=subprocess.STDOUT,
+    )
+    try:
+        deadline = time.monotonic() + 60
+        while not port_open(port):
+            assert api.poll() is None and time.monotonic() < deadline, (
+                tmp_path / "api2.log"
+            ).read_text()
+            time.sleep(0.2)
+        token = shared.make_token("revoking", "read", name="short-lived")
+        listed = shared.cli("token", "list").stdout.splitlines()
+        token_id = next(line.split()[0] for line in listed if " short-lived " in line)
+        auth = {"Authorization": f"Bearer {token}"}
+
+        def codes(n: int = 16) -> set[int]:
+            # A new connection each time, so that both processes answer some of them.
+            return {httpx.get(f"{url}/v1/jobs", headers=auth).status_code for _ in range(n)}
+
+        assert codes() == {200}  # now remembered by the processes that answered
+        shared.cli("token", "revoke", token_id)
+        revoked = time.monotonic()
+        while 200 in codes(4):
+            assert time.monotonic() < revoked + 1.0 + 0.5, "revocation outlived QF_TOKEN_CACHE_S"
+        assert codes() == {401}
+
+        # List pages over PostgreSQL: jobs of several kinds, ended (failed: no such model).
+        run = uuid.uuid4().hex[:8]
+        specs = [
+            {"model_id": "nope/a", "labels": {"run": run}},
+            {
+                "model_id": "nope/b",
+                "method": "gptq",
+                "gptq": {"damp": 0.05},
+                "overrides": [{"pattern": "down_proj$", "bits": 8}],
+                "quality_gate": {"min_top1": 0.5},
+                "labels": {"run": run, "kind": "gptq"},
+            },
+        ]
+        ids = [shared.submit(s)["id"] for s in specs]
+        for job_id in ids:
+            wait_for(shared, job_id, lambda j: j["state"] == "failed", "failed")
+        admin = {"Authorization": f"Bearer {shared.token}"}
+        page = httpx.get(f"{url}/v1/jobs", params={"label": f"run={run}"}, headers=admin).json()
+        assert [j["id"] for j in page["items"]] == ids[::-1]
+        for item in page["items"]:
+            assert item == httpx.get(f"{url}/v1/jobs/{item['id']}", headers=admin).json()
+    finally:
+        api.terminate()
+        api.wait(20)
+
+
+def test_outbox_entry_being_sent_is_not_sent_twice(postgres_url):
+    """The API's fast path and the dispatcher race for a new job's outbox entry: whichever
+    locks it first sends it, the other skips it (a duplicate delivery would cost the worker
+    a fresh child process, and the next job would wait for it)."""
+    from sqlalchemy import select
+
+    from jobs.db import session_factory, upgrade
+    from jobs.dispatch import send_now, send_pending
+    from jobs.models import OutboxEntry
+
+    upgrade(postgres_url)
+    settings = Settings(database_url=postgres_url, broker_url="redis://127.0.0.1:1/0")
+    factory = session_factory(postgres_url)
+    sent: list[str] = []
+
+    def send(_settings, job_id, _queue):
+        sent.append(job_id)
+
+    def new_entry() -> tuple[str, int]:
+        with factory() as s:
+            job = lifecycle.create_job(s, JobSpec(model_id="a/b"), team="t")
+            s.flush()
+            entry = s.scalars(select(OutboxEntry.id).where(OutboxEntry.job_id == job.id)).one()
+            s.commit()
+            return job.id, entry
+
+    # The API holds the entry (sending it) while the dispatcher looks: skipped, then sent once.
+    first, first_entry = new_entry()
+    with factory() as api:
+        assert send_now(api, settings, first_entry, send)
+        assert send_pending(factory, settings, send) == 0
+        api.commit()
+    assert send_pending(factory, settings, send) == 0
+    assert sent == [first]
+
+    # The dispatcher sent it first: the API's fast path finds it sent and leaves it.
+    second, second_entry = new_entry()
+    assert send_pending(factory, settings, send) == 1
+    with factory() as api:
+        assert not send_now(api, settings, second_entry, send)
+        api.commit()
+    assert sent == [first, second]

@@ -112,6 +112,69 @@ def test_list_filters_and_cursor(client, settings):
     assert client.get("/v1/jobs", params={"state": "sleeping"}).status_code == 422
 
 
+def test_list_page_is_job_out_of_every_job(client, settings):
+    """The list page is built from plain rows without pydantic (api.schemas.job_page_json):
+    it must say exactly what JobOut.of says, for every kind of job."""
+    from sqlalchemy import update
+
+    from api.schemas import JobOut
+    from jobs.models import Job
+    from jobs.spec import JobSpec
+
+    specs = [
+        SPEC,
+        {**SPEC, "method": "gptq", "gptq": {"damp": 0.05, "act_order": False}},
+        {**SPEC, "method": "awq", "bits": 3, "group_size": 128, "symmetric": True},
+        {
+            **SPEC,
+            "overrides": [{"pattern": r"down_proj$", "bits": 8}, {"pattern": "lm", "skip": True}],
+            "ignore": ["lm_head", r"embed\.\w+"],
+            "quality_gate": {"max_ppl_increase_pct": 5.0},
+            "destination": {"kind": "hub", "namespace": "org", "private": False},
+            "labels": {"release": "v1", "ci": "yes"},
+            "priority": "high",
+            "calibration": {"dataset": "file", "path": "/data/c.jsonl", "n_samples": 8},
+            "evaluation": {"seq_len": 64, "max_windows": None},
+        },
+    ]
+    ids = [client.post("/v1/jobs", json=s).json()["id"] for s in specs]
+    with session_scope(settings.database_url) as s:
+        # One with a callback (the API needs a signing secret for that), written directly.
+        spec = JobSpec(**SPEC, callback_url="https://ci.example.com/hook")
+        ids.append(lifecycle.create_job(s, spec, team="alpha").id)
+        lifecycle.claim(s, ids[0], "host:1")
+        lifecycle.record_progress(s, ids[0], 1, "quantize", 3, 30, "layer 3/30", eta_s=4.0)
+        lifecycle.claim(s, ids[1], "host:2")
+        lifecycle.fail(s, ids[1], 1, FailureReason.oom, "ran out of memory")
+        lifecycle.claim(s, ids[2], "host:3")
+        results = {"ppl": {"base": 12.5, "quant": 13.25}, "files": {"a": {"size": 1}}}
+        lifecycle.succeed(s, ids[2], 1, {**results, "top1": 0.9, "note": 'ü ☃ "q"'})
+        # A row written before calibration had text_field and seed: JobSpec fills defaults.
+        old = {"dataset": "wiki-excerpt", "n_samples": 4, "seq_len": 64}
+        s.execute(update(Job).where(Job.id == ids[3]).values(calibration=old))
+    with session_scope(settings.database_url) as s:
+        expected = [JobOut.of(j).model_dump(mode="json") for j in lifecycle.list_jobs(s, 50)[0]]
+    r = client.get("/v1/jobs")
+    assert r.status_code == 200 and r.headers["content-type"] == "application/json"
+    assert r.json() == {"items": expected, "next_cursor": None}
+    assert [j["id"] for j in expected] == ids[::-1]
+    assert expected[1]["spec"]["calibration"]["text_field"] == "text"  # the old row
+    assert expected[-2]["spec"]["gptq"]["damp"] == 0.05
+    # Pages and filters go through the same path.
+    page = client.get("/v1/jobs", params={"limit": 2, "state": ["queued", "running"]}).json()
+    assert page["items"] == [e for e in expected if e["state"] in ("queued", "running")][:2]
+    assert page["next_cursor"]
+
+    # Not-a-number in someone's results (SQLite keeps it): null, as pydantic writes it.
+    with session_scope(settings.database_url) as s:
+        s.execute(update(Job).where(Job.id == ids[2]).values(results={"ppl": float("nan")}))
+    body = client.get("/v1/jobs").text
+    assert "NaN" not in body
+    assert next(j for j in json.loads(body)["items"] if j["id"] == ids[2])["results"] == {
+        "ppl": None
+    }
+
+
 def test_artifacts_of_a_succeeded_job(client, settings):
     job_id = client.post("/v1/jobs", json=SPEC).json()["id"]
     r = client.get(f"/v1/jobs/{job_id}/artifacts")

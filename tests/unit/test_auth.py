@@ -9,7 +9,7 @@ from sqlalchemy import select
 
 from api.app import create_app
 from jobs import lifecycle
-from jobs.auth import authenticate, create_token, hash_token, pepper
+from jobs.auth import authenticate, create_token, hash_token, pepper, revoke_token
 from jobs.db import session_scope, upgrade
 from jobs.models import ApiToken
 from jobs.settings import Settings
@@ -154,3 +154,74 @@ def test_cli_token_create_prints_a_working_token_once(env, tmp_path):
     with session_scope(settings.database_url) as s:
         who = authenticate(s, pepper(settings), plain)
     assert who is not None and (who.name, who.team, who.scopes) == ("bootstrap", "ops", {"admin"})
+
+
+def test_a_token_revoked_elsewhere_is_refused_within_the_cache_bound(tmp_path):
+    """Each API process remembers a live token for QF_TOKEN_CACHE_S: a revocation written
+    by another process (here straight to the database, as `quantfoundry token revoke` does)
+    is honoured once that has passed, and not a moment later."""
+    import time
+
+    ttl = 1.5
+    settings = Settings(home=tmp_path, token_cache_s=ttl)
+    upgrade(settings.database_url)
+    with session_scope(settings.database_url) as s:
+        row, plain = create_token(s, pepper(settings), "alpha", "read")
+        token_id = row.id
+    with TestClient(create_app(settings)) as c:
+        assert c.get("/v1/jobs", headers=bearer(plain)).status_code == 200
+        remembered = time.monotonic()
+        with session_scope(settings.database_url) as s:
+            revoke_token(s, token_id)
+        revoked = time.monotonic()
+        first = c.get("/v1/jobs", headers=bearer(plain)).status_code
+        if time.monotonic() < remembered + ttl:
+            assert first == 200  # still remembered: the cache is in use
+        while c.get("/v1/jobs", headers=bearer(plain)).status_code == 200:
+            assert time.monotonic() < revoked + ttl, "a revoked token outlived the cache bound"
+            time.sleep(0.05)
+        # Once refused it stays refused: a revoked token is never remembered.
+        for _ in range(3):
+            assert c.get("/v1/jobs", headers=bearer(plain)).status_code == 401
+
+
+def test_the_token_cache_keeps_teams_apart_and_forgets_what_it_must(env):
+    c, tokens, job, _ = env
+    alpha, beta = bearer(tokens["alpha-rw"]), bearer(tokens["beta-rw"])
+    theirs = c.post("/v1/jobs", json=SPEC, headers=beta).json()["id"]
+    for _ in range(2):  # the second round is served from the cache
+        assert [j["id"] for j in c.get("/v1/jobs", headers=alpha).json()["items"]] == [job]
+        assert [j["id"] for j in c.get("/v1/jobs", headers=beta).json()["items"]] == [theirs]
+        assert c.get(f"/v1/jobs/{theirs}", headers=alpha).status_code == 404
+        assert c.get(f"/v1/jobs/{job}", headers=beta).status_code == 404
+        # Scopes come with the token: a cached read-only token still may not submit.
+        r = c.post("/v1/jobs", json=SPEC, headers=bearer(tokens["alpha-ro"]))
+        assert r.status_code == 403
+    # A token that revokes itself is refused at once by this process.
+    me = c.get("/v1/tokens", headers=bearer(tokens["alpha-admin"])).json()
+    ro_id = next(t["id"] for t in me if t["name"] == "alpha-ro")
+    assert c.delete(f"/v1/tokens/{ro_id}", headers=bearer(tokens["alpha-ro"])).status_code == 200
+    assert c.get("/v1/jobs", headers=bearer(tokens["alpha-ro"])).status_code == 401
+
+
+def test_principal_cache_expires_bounds_and_forgets():
+    import time
+
+    from jobs.auth import Principal, PrincipalCache
+
+    p = Principal("t1", "n", "alpha", frozenset({"read"}))
+    cache = PrincipalCache(ttl_s=0.2, max_entries=2)
+    cache.put("d1", p)
+    assert cache.get("d1") is p and cache.get("other") is None
+    time.sleep(0.25)
+    assert cache.get("d1") is None
+    cache.put("d1", p)
+    cache.put("d2", Principal("t2", "n2", "beta", frozenset({"read"})))
+    cache.forget("t1")
+    assert cache.get("d1") is None and cache.get("d2") is not None
+    cache.put("d1", p)
+    cache.put("d3", p)  # past max_entries: it starts over instead of growing
+    assert len(cache._entries) <= 2
+    off = PrincipalCache(ttl_s=0)
+    off.put("d1", p)
+    assert off.get("d1") is None
