@@ -6,7 +6,8 @@ Each variant quantizes a copy of the in-memory model with 8 calibration samples 
 (wiki-excerpt, seed 0) and is scored by perplexity on 16 held-out windows of 512 tokens, the
 protocol of bench/quality.py. `plain` is textbook GPTQ (act-order, static groups); `mse` adds
 the per-group range search; `awq` adds AWQ's channel scales before GPTQ; `awq+mse` is the
-product's default.
+product's default (its scale search re-runs modules on the first 2048 calibration tokens);
+`awq+mse-all` searches on all 4096, `awq+mse-1k` on 1024.
 """
 
 from __future__ import annotations
@@ -21,6 +22,8 @@ VARIANTS = {
     "mse": {"awq_scales": False, "mse": True},
     "awq": {"awq_scales": True, "mse": False},
     "awq+mse": {"awq_scales": True, "mse": True},
+    "awq+mse-all": {"awq_scales": True, "mse": True, "awq_tokens": None},
+    "awq+mse-1k": {"awq_scales": True, "mse": True, "awq_tokens": 1024},
 }
 
 
@@ -37,6 +40,7 @@ def main() -> None:
 
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--variants", default=",".join(VARIANTS))
+    ap.add_argument("--save", type=Path, default=None, help="also write the lines here")
     ap.add_argument("--bits", type=int, default=4)
     a = ap.parse_args()
     smollm2.prepare(Path(constants.HF_HUB_CACHE))
@@ -44,7 +48,13 @@ def main() -> None:
     tokens = evaluation_tokens(tok)
     base = perplexity(model, tokens, 512, 16).ppl
     cal = calibration_samples(tok, "wiki-excerpt", 8, 512, seed=0)
-    print(f"base perplexity {base:.3f}", flush=True)
+    lines = [
+        f"GPTQ variants, SmolLM2-135M-Instruct w{a.bits} g64 asym, calibration 8x512 tokens "
+        f"(wiki-excerpt, seed 0), evaluation 16x512 held-out tokens; base perplexity {base:.3f}",
+        f"command: python -m bench.gptq_variants --variants {a.variants} --bits {a.bits}",
+    ]
+    for line in lines:
+        print(line, flush=True)
     for name in a.variants.split(","):
         q = copy.deepcopy(model)
         t = time.perf_counter()
@@ -52,11 +62,10 @@ def main() -> None:
         quantize_model(q, cal, GPTQ(**VARIANTS[name]), scheme)
         dt = time.perf_counter() - t
         p = perplexity(q, tokens, 512, 16).ppl
-        print(
-            f"{name:<10} w{a.bits} g64 asym: ppl {p:.3f} ({100 * (p / base - 1):+.2f}%), "
-            f"quantize {dt:.0f} s",
-            flush=True,
-        )
+        lines.append(f"{name:<12} ppl {p:.3f} ({100 * (p / base - 1):+.2f}%), quantize {dt:.0f} s")
+        print(lines[-1], flush=True)
+    if a.save:
+        a.save.write_text("\n".join(lines) + "\n")
 
 
 if __name__ == "__main__":

@@ -111,13 +111,31 @@ class GPTQOptions(BaseModel):
         "producing norm or Linear (the float model is unchanged), then run GPTQ on the scaled "
         "weights. False: plain GPTQ (faster, usually less accurate).",
     )
-    awq_grid: int = Field(default=20, ge=1, le=100, description="AWQ scale exponents tried.")
+    awq_grid: int = Field(default=20, ge=2, le=100, description="AWQ scale exponents tried.")
+    awq_tokens: int | None = Field(
+        default=2048,
+        ge=1,
+        description="Calibration tokens the AWQ scale search re-runs modules on (the first "
+        "sequences); null: all of them (slower, rarely different).",
+    )
 
 
 class AWQOptions(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
-    grid: int = Field(default=20, ge=1, le=100, description="Scale exponents tried in [0, 1].")
+    grid: int = Field(default=20, ge=2, le=100, description="Scale exponents tried in [0, 1].")
+    search_tokens: int | None = Field(
+        default=2048,
+        ge=1,
+        description="Calibration tokens the scale search re-runs modules on (the first "
+        "sequences); null: all of them (slower, rarely different).",
+    )
+    search_stride: int = Field(
+        default=5,
+        ge=1,
+        le=100,
+        description="Try every n-th exponent, then those around the best (1: all of them).",
+    )
     clip: bool = Field(default=True, description="Search a clipped range per group.")
     clip_grid: int = Field(default=20, ge=1, le=100)
     max_shrink: float = Field(default=0.5, gt=0, lt=1, description="Most a range may shrink.")

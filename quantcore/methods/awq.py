@@ -78,6 +78,7 @@ def search_scales(
     loss: Callable[[list[torch.Tensor]], float],
     grid: int = 20,
     scale_dtype: torch.dtype | None = None,
+    stride: int = 1,
 ) -> ScaleSearch:
     """Choose alpha for a group of weights [out_i, in] that read one input with per-channel
     mean |x| `x_mean` [in].
@@ -86,24 +87,50 @@ def search_scales(
     by the unscaled input X once 1/s is folded into X's producer); weights with scheme None
     stay as they are. `loss(effective_weights)` measures the output error of whatever module
     the caller inspects. alpha = 0 (s = 1) is plain RTN; the first minimum wins.
+
+    `stride` > 1 tries every stride-th grid point (and the last), then every point between
+    the best one's neighbours: the grid's minimum whenever the loss falls and then rises
+    along the grid at that scale, in about 2 * stride + grid / stride tries instead of grid.
+    Points not tried have loss NaN.
     """
     alphas = alpha_grid(grid)
-    losses: list[float] = []
-    best = (float("inf"), 0.0)
-    for alpha in alphas:
-        s = awq_scales(x_mean, alpha).to(weights[0].device)
+
+    def at(i: int) -> float:
+        s = awq_scales(x_mean, alphas[i]).to(weights[0].device)
         candidates = []
         for w, scheme in zip(weights, schemes, strict=True):
             if scheme is None:
                 candidates.append(w.float())
             else:
                 candidates.append(fake_quantize(w.float() * s, scheme, scale_dtype) / s)
-        value = float(loss(candidates))
-        losses.append(value)
-        if value < best[0]:
-            best = (value, alpha)
-    alpha = best[1]
-    return ScaleSearch(alpha, awq_scales(x_mean, alpha), tuple(losses), alphas)
+        return float(loss(candidates))
+
+    best, tried = strided_argmin(grid, at, stride)
+    losses = tuple(tried.get(i, float("nan")) for i in range(grid))
+    return ScaleSearch(alphas[best], awq_scales(x_mean, alphas[best]), losses, alphas)
+
+
+def strided_argmin(
+    n: int, value: Callable[[int], float], stride: int = 1
+) -> tuple[int, dict[int, float]]:
+    """The index in range(n) of the lowest `value` (the first on ties) among those tried, and
+    every value tried. Tries every stride-th index and the last, then each index between the
+    best one's neighbours: the true minimum whenever the values fall and then rise at that
+    scale. Index 0 is always tried."""
+    if stride < 1:
+        raise ValueError(f"stride must be at least 1, got {stride}")
+    tried: dict[int, float] = {}
+
+    def at(i: int) -> float:
+        if i not in tried:
+            tried[i] = value(i)
+        return tried[i]
+
+    coarse = sorted({*range(0, n, stride), n - 1})
+    best = min(coarse, key=lambda i: (at(i), i))
+    for i in range(max(0, best - stride + 1), min(n, best + stride)):
+        at(i)
+    return min(tried, key=lambda i: (tried[i], i)), tried
 
 
 def _group_slices(in_features: int, group_size: int) -> list[slice]:

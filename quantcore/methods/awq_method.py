@@ -15,11 +15,14 @@ One block at a time, in four steps:
    o_proj's inputs one to one (no grouped-query attention), as Linear folds. A group with no
    foldable producer keeps s = 1 (plain rounding, still clipped). The loss of a candidate
    alpha is the output error of the smallest module holding the whole group (self_attn for
-   q/k/v, mlp for gate/up, the Linear itself for o and down), re-run on its captured args.
+   q/k/v, mlp for gate/up, the Linear itself for o and down), re-run on its captured args:
+   those of the first sequences holding `search_tokens` tokens, unless cutting them changes
+   what the module computes for its first sequence (then all of them).
 3. Folding. Each group's columns are scaled by s and 1/s is folded into its producer (a norm
    computing (1 + weight) * x, as Gemma's do, is found by a probe and folded as such); one
-   pass of `forward()` checks that the block's float outputs did not change (to the dtype's
-   precision). A fold that does change them is undone.
+   pass of `forward()` after all folds checks that the block's float outputs did not change
+   (to the dtype's precision). If they did, each fold is tried alone and those that change
+   them are undone.
 4. Clipping and rounding. Each Linear's group ranges are clipped where that lowers the output
    error on a subsample of its (scaled) inputs, then it is rounded with RTN from the clipped
    ranges and installed.
@@ -102,6 +105,9 @@ class _Recorder:
         self.first_input: dict[str, torch.Tensor] = {}
         self.calls: dict[str, list[tuple[tuple, dict]]] = {}
         self.block_outputs: list[torch.Tensor] = []
+        # Each module holding a Linear: the first sequence of its output on the first call
+        # (to check that slicing its calls to fewer sequences slices them right).
+        self.held_outputs: dict[str, torch.Tensor] = {}
         self._first_call = True
         holders = {""}
         for name in linears:
@@ -138,8 +144,12 @@ class _Recorder:
 
     def _output(self, name: str):
         def hook(_mod, _args, out):
-            if self._first_call and isinstance(out, torch.Tensor):
+            if not self._first_call:
+                return
+            if isinstance(out, torch.Tensor):
                 self.first_outputs.append((name, out))
+            if name in self.calls:
+                self.held_outputs[name] = _first(out)[:1].detach().clone()
 
         return hook
 
@@ -170,6 +180,47 @@ def _subsample(tensors: list[torch.Tensor], n: int) -> torch.Tensor:
         out.append(r[sel.to(r.device)].float())
         start += r.shape[0]
     return torch.cat(out)
+
+
+def _take_sequences(obj, batch: int, n: int):
+    """`obj` (an argument of a call) with every tensor whose first dimension is the batch cut
+    to its first `n` sequences; anything else (broadcast masks, rotary tables of batch 1,
+    flags) as it is."""
+    if isinstance(obj, torch.Tensor):
+        return obj[:n] if obj.dim() and obj.shape[0] == batch else obj
+    if isinstance(obj, (tuple, list)):
+        return type(obj)(_take_sequences(o, batch, n) for o in obj)
+    if isinstance(obj, dict):
+        return {k: _take_sequences(v, batch, n) for k, v in obj.items()}
+    return obj
+
+
+def search_calls(calls: list[tuple[tuple, dict]], tokens: int | None) -> list[tuple[tuple, dict]]:
+    """About `tokens` tokens of `calls` for the scale search, which re-runs a module some 20
+    times: a few thousand tokens settle one exponent as well as all of them. The first call
+    cut to its first sequences when it holds enough, else whole calls from the start. None:
+    every call. A call's input (its first argument) is [batch, seq, hidden]."""
+    if tokens is None or not calls:
+        return calls
+    sizes = []
+    for args, kwargs in calls:
+        x = args[0] if args else kwargs.get("hidden_states")
+        if not isinstance(x, torch.Tensor) or x.dim() < 3:
+            return calls  # not the layout this knows how to cut
+        sizes.append((x.shape[0], x.shape[1]))
+    batch, seq = sizes[0]
+    if batch * seq > tokens:
+        n = -(-tokens // seq)  # sequences (ceiling)
+        if n < batch:
+            args, kwargs = calls[0]
+            return [(_take_sequences(args, batch, n), _take_sequences(kwargs, batch, n))]
+    out, have = [], 0
+    for call, (b, t) in zip(calls, sizes, strict=True):
+        out.append(call)
+        have += b * t
+        if have >= tokens:
+            break
+    return out
 
 
 @torch.no_grad()
@@ -229,8 +280,16 @@ class AWQ:
         clip_grid: int = 20,
         max_shrink: float = 0.5,
         clip_tokens: int = 512,
+        search_tokens: int | None = 2048,
+        search_stride: int = 5,
     ):
         self.grid = grid
+        self.search_tokens = search_tokens
+        # Every 5th exponent, then the points around the best (awq.search_scales): on
+        # SmolLM2's 90 searches (bench/results/awq-search-cpu-2core.txt) it found the
+        # exhaustive grid's choice every time in 13 tries instead of 20. It never does worse
+        # than plain rounding (alpha 0 is always tried).
+        self.search_stride = search_stride
         self.clip = clip
         self.clip_grid = clip_grid
         self.max_shrink = max_shrink
@@ -291,6 +350,7 @@ class AWQ:
 
         groups = self._groups(block, linears, rec)
         scales: list[torch.Tensor | None] = []
+        folds: list[tuple[int, GroupResult, Callable[[], None]]] = []
         for g in groups:
             scales.append(None)
             if not any(n in modules for n in g.members):
@@ -304,13 +364,22 @@ class AWQ:
             if search.alpha == 0:
                 g.note, g.fold = "alpha 0 (plain rounding) was best", None
                 continue
-            # Step 3: fold, and check the float block is unchanged.
-            undo = fold_scales(block, g.members, g.producer, search.scales)
-            if not self._unchanged(block, forward, reference):
-                undo()
-                g.note, g.fold = f"folding into {g.producer} changed the block; undone", None
-                continue
+            # Step 3: fold (each later search re-runs only its own module on recorded inputs,
+            # so it does not see this fold).
+            folds.append(
+                (len(scales) - 1, g, fold_scales(block, g.members, g.producer, search.scales))
+            )
             scales[-1] = search.scales
+        if folds and not self._unchanged(block, forward, reference):
+            # Some fold changed the float block: undo them all, then keep those that pass alone.
+            for _, _, undo in reversed(folds):
+                undo()
+            for i, g, _ in folds:
+                undo = fold_scales(block, g.members, g.producer, scales[i])
+                if not self._unchanged(block, forward, reference):
+                    undo()
+                    g.note, g.fold = f"folding into {g.producer} changed the block; undone", None
+                    scales[i] = None
         self.last_groups = groups
         return groups, scales, rec
 
@@ -375,8 +444,19 @@ class AWQ:
         members = [block.get_submodule(n) for n in g.members]
         originals = [m.weight.data.clone() for m in members]
         inspected = block.get_submodule(g.inspected)
-        calls = rec.calls[g.inspected]
-        refs = [_first(inspected(*a, **kw)).float() for a, kw in calls]
+        full = rec.calls[g.inspected]
+        calls = search_calls(full, self.search_tokens)
+        refs = None
+        if calls[0] is not full[0]:
+            try:
+                refs = [_first(inspected(*a, **kw)).float() for a, kw in calls]
+            except RuntimeError:  # something in the call does not cut (a shared cache, say)
+                refs = None
+            if refs is not None and not self._same_start(refs[0], rec.held_outputs[g.inspected]):
+                refs = None  # the cut changed what the module computes
+        if refs is None:
+            calls = full if calls[0] is not full[0] else calls
+            refs = [_first(inspected(*a, **kw)).float() for a, kw in calls]
         numel = sum(r.numel() for r in refs)
 
         def loss(candidates: list[torch.Tensor]) -> float:
@@ -395,10 +475,21 @@ class AWQ:
                 loss,
                 self.grid,
                 members[0].weight.dtype,
+                self.search_stride,
             )
         finally:
             for m, w in zip(members, originals, strict=True):
                 m.weight.data.copy_(w)
+
+    @staticmethod
+    def _same_start(ref: torch.Tensor, held: torch.Tensor) -> bool:
+        """Whether the first sequence of `ref` (a module run on cut calls) is what the module
+        gave on the whole first call, up to the dtype's rounding (batching changes the order
+        of sums; a wrong cut changes everything)."""
+        if ref.shape[1:] != held.shape[1:]:
+            return False
+        eps = torch.finfo(held.dtype).eps if held.is_floating_point() else 0
+        return relative_error(held, ref[:1]) <= max((16 * eps) ** 2, 1e-10)
 
     @staticmethod
     def _unchanged(block: nn.Module, forward: Callable[[], object], reference) -> bool:

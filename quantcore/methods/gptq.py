@@ -74,6 +74,25 @@ def _params(w, cfg: GPTQConfig, scale_dtype):
     return group_params(w, cfg.bits, cfg.symmetric, scale_dtype)
 
 
+def _static_params(
+    w: torch.Tensor, gs: int, cfg: GPTQConfig, scale_dtype
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Scale and zero [out, n_groups] of every group of `w` [out, in] at once: the groups
+    become rows (the range search works row by row), so it runs once, not once per group.
+    A partial last group goes on its own."""
+    out_f, in_f = w.shape
+    whole = in_f // gs
+    parts = []
+    if whole:
+        rows = w[:, : whole * gs].reshape(out_f * whole, gs)
+        scale, zero = _params(rows, cfg, scale_dtype)
+        parts.append((scale.reshape(out_f, whole), zero.reshape(out_f, whole)))
+    if whole * gs < in_f:
+        scale, zero = _params(w[:, whole * gs :], cfg, scale_dtype)
+        parts.append((scale[:, None], zero[:, None]))
+    return torch.cat([p[0] for p in parts], dim=1), torch.cat([p[1] for p in parts], dim=1)
+
+
 @torch.no_grad()
 def gptq_quantize(
     weight: torch.Tensor,
@@ -103,8 +122,7 @@ def gptq_quantize(
     zeros = torch.empty(out_f, n_groups, device=w.device)
     static = cfg.act_order
     if static:
-        for g in range(n_groups):
-            scales[:, g], zeros[:, g] = _params(w[:, g * gs : (g + 1) * gs], cfg, scale_dtype)
+        scales[:], zeros[:] = _static_params(w, gs, cfg, scale_dtype)
     if cfg.act_order:
         perm = torch.argsort(torch.diag(h), descending=True)
     else:

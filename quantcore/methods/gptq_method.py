@@ -91,6 +91,7 @@ class GPTQ:
         true_sequential: bool = True,
         awq_scales: bool = True,
         awq_grid: int = 20,
+        awq_tokens: int | None = 2048,
     ):
         self.block_size = block_size
         self.damp = damp
@@ -99,6 +100,7 @@ class GPTQ:
         self.true_sequential = true_sequential
         self.awq_scales = awq_scales
         self.awq_grid = awq_grid
+        self.awq_tokens = awq_tokens
 
     def config(self, scheme: QuantScheme) -> GPTQConfig:
         return GPTQConfig(
@@ -122,7 +124,9 @@ class GPTQ:
         if self.awq_scales:
             # AWQ's activation-aware channel scales, folded into the producing norm or Linear
             # (the float block is unchanged); GPTQ then rounds the scaled weights.
-            AWQ(grid=self.awq_grid, clip=False).scale_block(block, modules, forward)
+            AWQ(grid=self.awq_grid, clip=False, search_tokens=self.awq_tokens).scale_block(
+                block, modules, forward
+            )
         linears = {n: lin for n, (lin, _) in modules.items()}
         # One full pass: every Hessian of the float block, and the order of the steps.
         stats = _Stats(linears, first_step_only=self.true_sequential)

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+from torch import nn
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from quantcore.data.datasets import calibration_samples
@@ -15,7 +16,7 @@ from quantcore.methods.awq import (
     fake_quantize,
     search_scales,
 )
-from quantcore.methods.awq_method import AWQ, fold_scales
+from quantcore.methods.awq_method import AWQ, fold_scales, search_calls
 from quantcore.methods.base import QuantScheme, SchemeMap
 from quantcore.methods.rtn import quantize_rtn
 from quantcore.methods.rtn_method import RTN
@@ -168,6 +169,109 @@ def test_a_fold_that_changes_the_block_is_undone(tiny_model_dir, tokenizer):
     torch.testing.assert_close(model(input_ids=ids).logits, before, rtol=1e-4, atol=1e-4)
 
 
+# --- the scale search on fewer tokens -------------------------------------------------------
+
+
+def test_search_calls_cut_the_first_call_by_sequence():
+    x, mask = torch.randn(4, 8, 6), torch.randn(4, 1, 8, 8)
+    cos = torch.randn(1, 8, 2)  # batch 1: broadcast over sequences, kept whole
+    calls = [((x,), {"position_embeddings": (cos, cos), "attention_mask": mask, "causal": True})]
+
+    ((args, kwargs),) = search_calls(calls, 12)  # 12 tokens: two sequences of 8
+    assert torch.equal(args[0], x[:2]) and torch.equal(kwargs["attention_mask"], mask[:2])
+    assert kwargs["position_embeddings"][0] is cos and kwargs["causal"] is True
+    assert search_calls(calls, None) is calls
+    assert search_calls(calls, 32) == calls and search_calls(calls, 1000) == calls
+    # Several calls holding fewer tokens than asked: whole calls from the start.
+    ones = [((torch.randn(1, 8, 6),), {}) for _ in range(3)]
+    assert search_calls(ones, 10) == ones[:2] and search_calls(ones, 8) == ones[:1]
+    # A first argument that is not [batch, seq, hidden]: nothing is cut.
+    flat = [((torch.randn(8, 6),), {})]
+    assert search_calls(flat, 4) is flat
+
+
+def _search_effort(block, forward, search_tokens):
+    """Groups found by AWQ(search_tokens) and how many tokens q_proj processed meanwhile."""
+    seen = [0]
+    h = block.self_attn.q_proj.register_forward_hook(
+        lambda _m, a, _o: seen.__setitem__(0, seen[0] + a[0].shape[0] * a[0].shape[1])
+    )
+    modules = {n: (lin, W3G32) for n, lin in linear_modules(block).items()}
+    try:
+        groups, _, _ = AWQ(grid=6, search_tokens=search_tokens).scale_block(block, modules, forward)
+    finally:
+        h.remove()
+    return groups, seen[0]
+
+
+@torch.no_grad()
+def test_a_search_on_the_first_sequences_sees_only_them(tiny_model_dir, tokenizer):
+    """Calibration of two sequences, each given twice: the statistics and losses of the first
+    two sequences are those of all four, so a search cut to them must find exactly what the
+    search on everything finds (a wrongly cut mask or rotary table would not), for half the
+    work on the re-runs."""
+    half = calibration_samples(tokenizer, "wiki-excerpt", 2, 64, seed=0)
+    ids = torch.cat([half, half])
+    results = {}
+    for tokens in (None, 128):
+        model = _fresh(tiny_model_dir)
+        block = decoder_layers(model)[1][0]
+        forward = lambda m=model: m(input_ids=ids, use_cache=False)  # noqa: E731 - as the walker
+        results[tokens] = _search_effort(block, forward, tokens)
+    (every, seen_all), (cut, seen_cut) = results[None], results[128]
+    assert [g.alpha for g in cut] == [g.alpha for g in every]
+    for a, b in zip(cut, every, strict=True):
+        torch.testing.assert_close(
+            torch.tensor(a.losses), torch.tensor(b.losses), rtol=1e-4, atol=0
+        )
+    assert any(g.alpha for g in every)  # something was searched and folded
+    # The reference and the 6 grid re-runs of self_attn saw 2 sequences of 64 tokens, not 4.
+    assert seen_cut == seen_all - (1 + 6) * 2 * 64
+
+
+class _MixingNorm(nn.Module):
+    """Two Linears after a norm, and an output that mixes the sequences of a batch (so a
+    call cut to fewer sequences gives a different first sequence)."""
+
+    def __init__(self, d: int):
+        super().__init__()
+        self.norm = nn.LayerNorm(d)
+        self.a, self.b = nn.Linear(d, d), nn.Linear(d, d)
+
+    def forward(self, x):
+        n = self.norm(x)
+        h = self.a(n) * self.b(n)
+        return h + h.mean(dim=0, keepdim=True)
+
+
+class _Outer(nn.Module):
+    def __init__(self, d: int):
+        super().__init__()
+        self.mix = _MixingNorm(d)
+
+    def forward(self, x):
+        return x + self.mix(x)
+
+
+@torch.no_grad()
+def test_a_module_that_mixes_sequences_is_searched_on_whole_calls():
+    torch.manual_seed(0)
+    x = torch.randn(6, 16, 32) * torch.linspace(0.1, 4, 32)  # some loud channels
+    found = {}
+    for tokens in (None, 16):
+        torch.manual_seed(1)
+        block = _Outer(32)
+        modules = {n: (lin, W3G32) for n, lin in linear_modules(block).items()}
+        groups, _, _ = AWQ(grid=6, search_tokens=tokens).scale_block(
+            block, modules, lambda b=block: b(x)
+        )
+        (g,) = groups
+        assert g.inspected == "mix" and g.producer == "mix.norm"
+        found[tokens] = g.losses
+    # Cutting would have changed what `mix` computes: the check noticed, and used all.
+    assert found[16] == found[None]
+
+
 # --- the scale search -----------------------------------------------------------------------
 
 
@@ -194,6 +298,37 @@ def test_scale_search_protects_outlier_channels():
     assert torch.allclose(s, awq_scales(x.abs().mean(0), found.alpha))
     folded = (x / s) @ fake_quantize(w * s, W3G32).t()
     assert float((folded - ref).pow(2).mean()) == pytest.approx(best, rel=1e-4)
+
+
+def test_a_strided_search_finds_the_grid_minimum_in_fewer_tries():
+    g = torch.Generator().manual_seed(1)
+    x = torch.randn(256, 64, generator=g)
+    x[:, [5, 9, 33]] *= 20
+    w = torch.randn(16, 64, generator=g)
+    ref = x @ w.t()
+    calls = []
+
+    def loss(candidates):
+        calls.append(1)
+        return float((x @ candidates[0].t() - ref).pow(2).mean())
+
+    every = search_scales(x.abs().mean(0), [w], [W3G32], loss, grid=20)
+    assert len(calls) == 20
+    calls.clear()
+    strided = search_scales(x.abs().mean(0), [w], [W3G32], loss, grid=20, stride=4)
+    # 0, 4, ..., 16, 19, then the points between the best one's neighbours.
+    assert len(calls) <= 6 + 6
+    assert strided.alpha == every.alpha and torch.equal(strided.scales, every.scales)
+    tried = [i for i, v in enumerate(strided.losses) if v == v]
+    assert len(tried) == len(calls)
+    assert all(strided.losses[i] == every.losses[i] for i in tried)
+    # Not a falling-then-rising curve: the best point tried, never one not tried.
+    wavy = iter([5.0, 1.0, 3.0, 0.5, 9.0, 9.0, 2.0, 0.7, 0.2, 8.0])
+    odd = search_scales(x.abs().mean(0), [w], [W3G32], lambda _c: next(wavy), grid=10, stride=3)
+    tried = {i: v for i, v in enumerate(odd.losses) if v == v}
+    assert odd.alpha == odd.alphas[min(tried, key=lambda i: (tried[i], i))]
+    with pytest.raises(ValueError, match="stride"):
+        search_scales(x.abs().mean(0), [w], [W3G32], loss, grid=10, stride=0)
 
 
 @pytest.mark.parametrize(

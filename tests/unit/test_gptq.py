@@ -112,3 +112,20 @@ def test_hessian_accumulates_as_one_batch():
     flat = x.reshape(-1, 8)
     assert n == 150
     torch.testing.assert_close(h, 2 / 150 * flat.t() @ flat, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("mse", [False, True])
+@pytest.mark.parametrize(("in_f", "gs"), [(96, 32), (80, 32), (64, -1)])
+def test_static_group_params_are_each_groups_own(mse, in_f, gs):
+    """Act-order's static scales, computed for all groups at once (groups as rows), are
+    exactly what each group's columns alone give, a partial last group included."""
+    from quantcore.methods.gptq import _params, _static_params
+
+    w = torch.randn(12, in_f, generator=torch.Generator().manual_seed(3))
+    cfg = GPTQConfig(3, gs, False, act_order=True, mse=mse)
+    size = in_f if gs == -1 else gs
+    scales, zeros = _static_params(w, size, cfg, torch.float16)
+    assert scales.shape == zeros.shape == (12, -(-in_f // size))
+    for g, start in enumerate(range(0, in_f, size)):
+        s, z = _params(w[:, start : start + size], cfg, torch.float16)
+        assert torch.equal(scales[:, g], s) and torch.equal(zeros[:, g], z)
