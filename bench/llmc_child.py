@@ -87,6 +87,11 @@ def main() -> None:
     schemes["w8pcs"] = (8, -1, True)
     method, scheme = config.split("-", 1)
     method = {"gptqplain": "gptq"}.get(method, method)  # their GPTQ has one form
+    if not torch.cuda.is_available():
+        # llm-compressor 0.14's AWQ pins its cached activations for GPU copies, which raises
+        # "Cannot access accelerator device" on a machine without one. Pinning only speeds
+        # up host-to-device copies, so without a device a tensor stands for its pinned self.
+        torch.Tensor.pin_memory = lambda self, *_a, **_k: self
     bits, group, sym = schemes[scheme]
     data = torch.load(tokens_file)
     cal, ev = data["calibration"], data["evaluation"]
