@@ -106,6 +106,18 @@ async def _close(clients: list[httpx.AsyncClient]) -> None:
     await asyncio.gather(*(c.aclose() for c in clients))
 
 
+async def _timed(make: Request, c: httpx.AsyncClient, since: float, out: list[float]) -> int:
+    """Send one request; append its latency counted from `since` (ms) to `out`; 1 if it
+    failed (transport error or status >= 300), else 0."""
+    try:
+        r = await make(c)
+        failed = r.status_code >= 300
+    except httpx.TransportError:
+        failed = True
+    out.append((time.perf_counter() - since) * 1000)
+    return int(failed)
+
+
 async def closed_loop(
     url: str, headers: dict, clients: int, per_client: int, make: Request
 ) -> Result:
@@ -119,13 +131,7 @@ async def closed_loop(
         async def user(c: httpx.AsyncClient) -> None:
             nonlocal errors
             for _ in range(per_client):
-                t = time.perf_counter()
-                try:
-                    r = await make(c)
-                    errors += r.status_code >= 300
-                except httpx.TransportError:
-                    errors += 1
-                out.append((time.perf_counter() - t) * 1000)
+                errors += await _timed(make, c, time.perf_counter(), out)
 
         t0 = time.perf_counter()
         await asyncio.gather(*(user(c) for c in users))
@@ -154,12 +160,7 @@ async def open_loop(
             due = t0 + first
             while due < end:
                 await asyncio.sleep(max(0.0, due - time.perf_counter()))
-                try:
-                    r = await make(c)
-                    errors += r.status_code >= 300
-                except httpx.TransportError:
-                    errors += 1
-                out.append((time.perf_counter() - due) * 1000)
+                errors += await _timed(make, c, due, out)
                 due += rng.uniform(0.5, 1.5) / rate
 
         await asyncio.gather(*(user(c, rng.uniform(0, 1 / rate)) for c in users))

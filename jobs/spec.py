@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import re
 from enum import StrEnum
-from typing import Literal
+from typing import Annotated, Literal
 
 from pydantic import (
     BaseModel,
@@ -87,6 +87,17 @@ class EvaluationSpec(BaseModel):
     )
 
 
+# AWQ's scale search, alone or before GPTQ: how many calibration tokens it re-runs modules on.
+SearchTokens = Annotated[
+    int | None,
+    Field(
+        ge=1,
+        description="Calibration tokens the AWQ scale search re-runs modules on (the first "
+        "sequences); null: all of them (slower, rarely different).",
+    ),
+]
+
+
 class GPTQOptions(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
@@ -112,24 +123,14 @@ class GPTQOptions(BaseModel):
         "weights. False: plain GPTQ (faster, usually less accurate).",
     )
     awq_grid: int = Field(default=20, ge=2, le=100, description="AWQ scale exponents tried.")
-    awq_tokens: int | None = Field(
-        default=2048,
-        ge=1,
-        description="Calibration tokens the AWQ scale search re-runs modules on (the first "
-        "sequences); null: all of them (slower, rarely different).",
-    )
+    awq_tokens: SearchTokens = 2048
 
 
 class AWQOptions(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
     grid: int = Field(default=20, ge=2, le=100, description="Scale exponents tried in [0, 1].")
-    search_tokens: int | None = Field(
-        default=2048,
-        ge=1,
-        description="Calibration tokens the scale search re-runs modules on (the first "
-        "sequences); null: all of them (slower, rarely different).",
-    )
+    search_tokens: SearchTokens = 2048
     search_stride: int = Field(
         default=5,
         ge=1,

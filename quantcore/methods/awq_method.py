@@ -446,16 +446,16 @@ class AWQ:
         inspected = block.get_submodule(g.inspected)
         full = rec.calls[g.inspected]
         calls = search_calls(full, self.search_tokens)
-        refs = None
-        if calls[0] is not full[0]:
-            try:
-                refs = [_first(inspected(*a, **kw)).float() for a, kw in calls]
-            except RuntimeError:  # something in the call does not cut (a shared cache, say)
-                refs = None
-            if refs is not None and not self._same_start(refs[0], rec.held_outputs[g.inspected]):
-                refs = None  # the cut changed what the module computes
-        if refs is None:
-            calls = full if calls[0] is not full[0] else calls
+        cut = calls[0] is not full[0]
+        try:
+            refs = [_first(inspected(*a, **kw)).float() for a, kw in calls]
+        except RuntimeError:
+            if not cut:
+                raise
+            refs = None  # something in the call does not cut (a shared cache, say)
+        if cut and (refs is None or not self._same_start(refs[0], rec.held_outputs[g.inspected])):
+            # The cut changed what the module computes: search on every call.
+            calls = full
             refs = [_first(inspected(*a, **kw)).float() for a, kw in calls]
         numel = sum(r.numel() for r in refs)
 
