@@ -7,7 +7,7 @@ Each variant quantizes a copy of the in-memory model with 8 calibration samples 
 protocol of bench/quality.py. `plain` is textbook GPTQ (act-order, static groups); `mse` adds
 the per-group range search; `awq` adds AWQ's channel scales before GPTQ; `awq+mse` is the
 product's default (its scale search re-runs modules on the first 2048 calibration tokens);
-`awq+mse-all` searches on all 4096, `awq+mse-1k` on 1024.
+`awq+mse-all` searches on all 4096, `awq+mse-1k` on 1024, `awq+mse-512` on 512.
 """
 
 from __future__ import annotations
@@ -24,6 +24,7 @@ VARIANTS = {
     "awq+mse": {"awq_scales": True, "mse": True},
     "awq+mse-all": {"awq_scales": True, "mse": True, "awq_tokens": None},
     "awq+mse-1k": {"awq_scales": True, "mse": True, "awq_tokens": 1024},
+    "awq+mse-512": {"awq_scales": True, "mse": True, "awq_tokens": 512},
 }
 
 

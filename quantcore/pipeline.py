@@ -221,17 +221,22 @@ def quantize(
     phase_done("load")
 
     cal = req.calibration
-    on_progress(Progress("calibrate", 0, 1, f"{cal.n_samples} samples of {cal.seq_len} tokens"))
-    samples = calibration_samples(
-        tokenizer,
-        cal.dataset,
-        cal.n_samples,
-        cal.seq_len,
-        cal.seed,
-        path=cal.path,
-        text_field=cal.text_field,
-    )
-    on_progress(Progress("calibrate", 1, 1, f"{samples.shape[0]} samples ready"))
+    method = METHODS[req.method](**req.method_options)
+    if method.needs_calibration:
+        on_progress(Progress("calibrate", 0, 1, f"{cal.n_samples} samples of {cal.seq_len} tokens"))
+        samples = calibration_samples(
+            tokenizer,
+            cal.dataset,
+            cal.n_samples,
+            cal.seq_len,
+            cal.seed,
+            path=cal.path,
+            text_field=cal.text_field,
+        )
+        on_progress(Progress("calibrate", 1, 1, f"{samples.shape[0]} samples ready"))
+    else:  # the source was still checked (_check): a spec that names a bad one fails either way
+        samples = torch.empty(0, cal.seq_len, dtype=torch.long)
+        on_progress(Progress("calibrate", 1, 1, f"{req.method} is data-free: no calibration"))
     phase_done("calibrate")
 
     def module_progress(e: ModuleEvent) -> None:
@@ -269,7 +274,7 @@ def quantize(
         result = walk(
             lazy,
             samples,
-            METHODS[req.method](**req.method_options),
+            method,
             scheme_map(req),
             device=device,
             on_module=module_progress,

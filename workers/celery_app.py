@@ -24,13 +24,17 @@ app.conf.worker_pool = "workers.pool:TaskPool"
 @worker_init.connect
 def _import_before_forking(**_kwargs) -> None:
     """In the worker's main process, before the pool forks: import what a job runs (torch,
-    quantcore: seconds of imports) once, so each job's fresh child process starts with it.
+    quantcore, transformers' model code: seconds of imports) once, so each job's fresh child
+    process starts with it.
     Importing runs no tensor operation, so the parent starts no OpenMP thread pool and no
     CUDA context for its children to inherit (both break in a forked child); each child
     still gets fresh GPU memory. gc.freeze: the parent's collection before every fork (and
     the children's) skips these objects, and their memory pages stay shared."""
     import quantcore.pipeline  # noqa: F401
     import workers.runner  # noqa: F401
+    from quantcore.models.loading import warm_imports
+
+    warm_imports()  # transformers' model code: seconds more per job otherwise
 
     gc.freeze()
 

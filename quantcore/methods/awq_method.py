@@ -331,11 +331,17 @@ class AWQ:
         block: nn.Module,
         modules: dict[str, tuple[nn.Linear, QuantScheme]],
         forward: Callable[[], object],
+        watch: Callable[[], Callable[[bool], None]] | None = None,
     ) -> tuple[list[GroupResult], list[torch.Tensor | None], _Recorder]:
         """Steps 1-3: search scales and fold them in; the block's float outputs are unchanged.
 
         Returns each group, its scales (None where none were applied) and the recorded
         inputs (as the float block saw them, before scaling).
+
+        `watch` lets a caller observe the pass that checks the folds (GPTQ collects its
+        Hessians there instead of running one more pass): it is called just before that pass,
+        and what it returns is called after it with whether the pass saw the final block (no
+        fold was undone). It is not called when nothing was folded (no pass runs).
         """
         linears = linear_modules(block)
         rec = _Recorder(block, linears)
@@ -370,7 +376,7 @@ class AWQ:
                 (len(scales) - 1, g, fold_scales(block, g.members, g.producer, search.scales))
             )
             scales[-1] = search.scales
-        if folds and not self._unchanged(block, forward, reference):
+        if folds and not self._unchanged(block, forward, reference, watch):
             # Some fold changed the float block: undo them all, then keep those that pass alone.
             for _, _, undo in reversed(folds):
                 undo()
@@ -492,14 +498,24 @@ class AWQ:
         return relative_error(held, ref[:1]) <= max((16 * eps) ** 2, 1e-10)
 
     @staticmethod
-    def _unchanged(block: nn.Module, forward: Callable[[], object], reference) -> bool:
+    def _unchanged(
+        block: nn.Module,
+        forward: Callable[[], object],
+        reference,
+        watch: Callable[[], Callable[[bool], None]] | None = None,
+    ) -> bool:
         outputs: list[torch.Tensor] = []
+        finish = watch() if watch is not None else None
         handle = block.register_forward_hook(lambda _m, _a, o: outputs.append(_first(o)))
+        ok = False
         try:
             forward()
+            eps = torch.finfo(reference[0].dtype).eps if reference[0].is_floating_point() else 0
+            tol = max((4 * eps) ** 2, 1e-10)
+            err = sum(relative_error(r, o) for r, o in zip(reference, outputs, strict=True))
+            ok = err / max(len(reference), 1) <= tol
         finally:
             handle.remove()
-        eps = torch.finfo(reference[0].dtype).eps if reference[0].is_floating_point() else 0
-        tol = max((4 * eps) ** 2, 1e-10)
-        err = sum(relative_error(r, o) for r, o in zip(reference, outputs, strict=True))
-        return err / max(len(reference), 1) <= tol
+            if finish is not None:
+                finish(ok)
+        return ok

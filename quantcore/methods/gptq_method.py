@@ -122,19 +122,36 @@ class GPTQ:
         forward: Callable[..., object],
         on_module: ModuleDone,
     ) -> dict[str, QuantizedWeight]:
+        linears = {n: lin for n, (lin, _) in modules.items()}
+        watched: list[_Stats] = []
+
+        def watch() -> Callable[[bool], None]:
+            stats = _Stats(linears, first_step_only=self.true_sequential)
+
+            def finish(final: bool) -> None:
+                stats.remove()
+                if final:
+                    watched.append(stats)
+
+            return finish
+
         if self.awq_scales:
             # AWQ's activation-aware channel scales, folded into the producing norm or Linear
-            # (the float block is unchanged); GPTQ then rounds the scaled weights.
+            # (the float block is unchanged); GPTQ then rounds the scaled weights. The pass
+            # that checks the folds also collects the Hessians of the scaled block.
             AWQ(grid=self.awq_grid, clip=False, search_tokens=self.awq_tokens).scale_block(
-                block, modules, forward
+                block, modules, forward, watch=watch
             )
-        linears = {n: lin for n, (lin, _) in modules.items()}
-        # One full pass: every Hessian of the float block, and the order of the steps.
-        stats = _Stats(linears, first_step_only=self.true_sequential)
-        try:
-            forward()
-        finally:
-            stats.remove()
+        if watched:
+            stats = watched[0]
+        else:
+            # One full pass: every Hessian of the float block, and the order of the steps.
+            finish = watch()
+            try:
+                forward()
+            finally:
+                finish(True)
+            stats = watched[0]
         missing = [n for n in modules if stats.calls[n] == 0]
         if missing:
             raise RuntimeError(f"{missing[0]} saw no calibration input; it is never called")

@@ -15,16 +15,21 @@ def group_params(
     The range always includes 0 so that zero weights stay exact. Scales are rounded to the
     storage dtype before codes are computed, so dequantizing with the stored scale is exact.
     """
-    maxq = (1 << bits) - 1
     w = w.float()
+    return range_params(w.amin(dim=1), w.amax(dim=1), bits, symmetric, scale_dtype)
+
+
+def range_params(
+    lo: torch.Tensor, hi: torch.Tensor, bits: int, symmetric: bool, scale_dtype: torch.dtype
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """`group_params` from each row's minimum and maximum ([rows] each)."""
+    maxq = (1 << bits) - 1
     if symmetric:
-        absmax = w.abs().amax(dim=1)
-        scale = 2 * absmax / maxq
+        scale = 2 * torch.maximum(lo.abs(), hi.abs()) / maxq
         zero = torch.full_like(scale, float(1 << (bits - 1)))
     else:
-        lo = w.amin(dim=1).clamp(max=0)
-        hi = w.amax(dim=1).clamp(min=0)
-        scale = (hi - lo) / maxq
+        lo = lo.clamp(max=0)
+        scale = (hi.clamp(min=0) - lo) / maxq
         zero = None
     scale = scale.to(scale_dtype).float()
     # An all-zero row: any positive scale reproduces it.

@@ -11,6 +11,29 @@ from torch import nn
 from quantcore.errors import ModelNotFoundError, UnsupportedModelError
 from quantcore.models.hub import resolve_snapshot
 
+# The families the service is tested on; another one is imported when its first job loads.
+WARM_FAMILIES = ("llama", "mistral", "qwen2", "qwen3", "gemma", "gemma2")
+
+
+def warm_imports() -> None:
+    """Import what loading a model imports (transformers' auto classes, the tokenizers
+    backend, accelerate, the modeling code of the common families): several seconds that a
+    job would otherwise spend before its first step. A worker calls this once, before
+    forking its job processes. It runs no tensor operation."""
+    import importlib
+
+    import accelerate  # noqa: F401
+    import transformers
+
+    for name in ("AutoConfig", "AutoModelForCausalLM", "AutoTokenizer", "PreTrainedTokenizerFast"):
+        getattr(transformers, name)
+    for family in WARM_FAMILIES:
+        for part in ("configuration", "modeling"):
+            try:
+                importlib.import_module(f"transformers.models.{family}.{part}_{family}")
+            except ImportError:  # an older or newer transformers without it
+                pass
+
 
 def load_tokenizer(snapshot: Path, model_id: str):
     from transformers import AutoTokenizer

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import uuid
 from collections.abc import Iterator
-from contextlib import contextmanager
+from contextlib import ExitStack, contextmanager
 
 import pytest
 from sqlalchemy import create_engine, text
@@ -56,19 +56,20 @@ def postgres_url(postgres_admin_url):
         yield url
 
 
-@pytest.fixture(params=["embedded", "cluster"])
-def stack(request, tmp_path, hub_cache):
-    """The API and one worker as processes; `embedded` is SQLite + SQLAlchemy broker,
-    `cluster` is PostgreSQL + Redis."""
-    home = tmp_path / "home"
-    if request.param == "embedded":
-        env = base_env(home, hub_cache)
-    else:
-        pg = request.getfixturevalue("postgres_url")
-        redis = request.getfixturevalue("redis_url")
-        env = base_env(home, hub_cache, database_url=pg, broker_url=redis + "/0")
-    s = Stack(env=env, logs=tmp_path / "logs")
-    try:
+@pytest.fixture(scope="module", params=["embedded", "cluster"])
+def stack(request, tmp_path_factory, hub_cache):
+    """The API and one worker as processes, shared by a module's tests (each test leaves it
+    idle); `embedded` is SQLite + SQLAlchemy broker, `cluster` is PostgreSQL (a database of
+    its own) + Redis."""
+    root = tmp_path_factory.mktemp(f"stack-{request.param}")
+    with ExitStack() as cleanup:
+        if request.param == "embedded":
+            env = base_env(root / "home", hub_cache)
+        else:
+            admin = request.getfixturevalue("postgres_admin_url")
+            pg = cleanup.enter_context(fresh_database(admin))
+            redis = request.getfixturevalue("redis_url")
+            env = base_env(root / "home", hub_cache, database_url=pg, broker_url=redis + "/0")
+        s = Stack(env=env, logs=root / "logs")
+        cleanup.callback(s.stop)
         yield s.start()
-    finally:
-        s.stop()

@@ -47,16 +47,19 @@ def _problem(out_f=16, in_f=96, tokens=400, seed=0):
 
 
 @pytest.mark.parametrize(
-    ("bits", "gs", "sym", "block"),
+    ("bits", "gs", "sym", "block", "in_f"),
     [
-        (4, 32, False, 128),
-        (3, 32, True, 16),
-        (4, 96, False, 32),
-        (2, 48, False, 7),
+        (4, 32, False, 128, 96),
+        (3, 32, True, 16, 96),
+        (4, 96, False, 32, 96),
+        (2, 48, False, 7, 96),
+        # Groups that start inside a run of columns and straddle a block; a partial last group.
+        (4, 40, False, 128, 200),
+        (4, 64, True, 128, 256),
     ],
 )
-def test_matches_textbook(bits, gs, sym, block):
-    w, h, _ = _problem()
+def test_matches_textbook(bits, gs, sym, block, in_f):
+    w, h, _ = _problem(in_f=in_f)
     qw, _ = gptq_quantize(
         w, h, GPTQConfig(bits, gs, sym, block_size=block, damp=0.01), scale_dtype=torch.float32
     )

@@ -284,3 +284,42 @@ def test_a_stopped_pass_runs_only_up_to_its_modules(tiny_model_dir, tokenizer):
     quantize_model(m, samples, Probe(), SchemeMap(QuantScheme(4, 32, False)), batch_size=4)
     assert calls[1] == [n for n in calls[0] if not n.startswith("mlp.")]
     assert calls[1][-1] == "self_attn.o_proj" and calls[0][-1] == "mlp.down_proj"
+
+
+def test_default_gptq_takes_its_hessians_from_the_fold_check(
+    tiny_model_dir, tokenizer, monkeypatch
+):
+    """With AWQ scales, the pass that checks the folds also collects GPTQ's first Hessians:
+    one full pass fewer per block, and the very same codes as with a pass of its own."""
+    from quantcore.methods.awq_method import AWQ
+    from quantcore.methods.gptq_method import GPTQ
+
+    samples = calibration_samples(tokenizer, "wiki-excerpt", 4, 32, seed=0)
+    check = AWQ._unchanged
+
+    def run() -> tuple[dict, int]:
+        m = AutoModelForCausalLM.from_pretrained(tiny_model_dir).eval()
+        method, full = GPTQ(awq_grid=4), [0]
+        inner = method.quantize_block
+
+        def counting(block, modules, forward, on_module):
+            def counted(stop_after=()):
+                full[0] += not stop_after
+                return forward(stop_after)
+
+            return inner(block, modules, counted, on_module)
+
+        method.quantize_block = counting
+        q = quantize_model(m, samples, method, SchemeMap(QuantScheme(4, 32, False)), batch_size=4)
+        return q, full[0]
+
+    shared, shared_passes = run()
+    monkeypatch.setattr(
+        AWQ, "_unchanged", staticmethod(lambda block, fwd, ref, watch=None: check(block, fwd, ref))
+    )
+    own, own_passes = run()
+    assert shared_passes == own_passes - 2  # both tiny blocks folded something
+    assert shared.keys() == own.keys()
+    for name, qw in shared.items():
+        assert torch.equal(qw.codes, own[name].codes), name
+        assert torch.equal(qw.scales, own[name].scales), name
