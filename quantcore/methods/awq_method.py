@@ -163,6 +163,14 @@ class _Recorder:
         for h in self._handles:
             h.remove()
 
+    def release(self) -> None:
+        """Drop the recorded tensors (inputs, module calls, first-call outputs); the per-channel
+        means and the block's outputs stay."""
+        for kept in (self.inputs, self.calls):
+            for k in kept:
+                kept[k] = []
+        self.first_outputs, self.first_input, self.held_outputs = [], {}, {}
+
     def x_mean(self, name: str) -> torch.Tensor:
         return self.abs_sum[name] / self.count[name]
 
@@ -332,6 +340,7 @@ class AWQ:
         modules: dict[str, tuple[nn.Linear, QuantScheme]],
         forward: Callable[[], object],
         watch: Callable[[], Callable[[bool], None]] | None = None,
+        keep_inputs: bool = True,
     ) -> tuple[list[GroupResult], list[torch.Tensor | None], _Recorder]:
         """Steps 1-3: search scales and fold them in; the block's float outputs are unchanged.
 
@@ -342,6 +351,8 @@ class AWQ:
         Hessians there instead of running one more pass): it is called just before that pass,
         and what it returns is called after it with whether the pass saw the final block (no
         fold was undone). It is not called when nothing was folded (no pass runs).
+        With `keep_inputs=False` the recorder's tensors are dropped once the search is done,
+        before that pass (for a caller that does not clip).
         """
         linears = linear_modules(block)
         rec = _Recorder(block, linears)
@@ -376,6 +387,8 @@ class AWQ:
                 (len(scales) - 1, g, fold_scales(block, g.members, g.producer, search.scales))
             )
             scales[-1] = search.scales
+        if not keep_inputs:
+            rec.release()
         if folds and not self._unchanged(block, forward, reference, watch):
             # Some fold changed the float block: undo them all, then keep those that pass alone.
             for _, _, undo in reversed(folds):

@@ -49,6 +49,9 @@ def inverse_hessian_cholesky(h: torch.Tensor, damp: float) -> tuple[torch.Tensor
     raise ValueError(f"Hessian is not positive definite even with damping {damp}")
 
 
+_MSE_STRIDE = 4  # the coarse step of the range search (bench/mse_search.py)
+
+
 def _mse_params(w, bits, symmetric, scale_dtype, grid=80, max_shrink=0.8, norm=2.4):
     """Per-row scale/zero minimising the rounding error (|error|^norm) over ranges shrunk by
     1 - i/grid, i = 0 .. max_shrink * grid: every 4th shrink first, then the 3 on either side
@@ -79,9 +82,6 @@ def _mse_params(w, bits, symmetric, scale_dtype, grid=80, max_shrink=0.8, norm=2
         if k:
             attempt((coarse + k).clamp(0, n - 1))
     return best_scale, best_zero
-
-
-_MSE_STRIDE = 4
 
 
 def _rounding_error(w, scale, zero, maxq: int, norm: float) -> torch.Tensor:

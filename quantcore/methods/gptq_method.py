@@ -140,7 +140,7 @@ class GPTQ:
             # (the float block is unchanged); GPTQ then rounds the scaled weights. The pass
             # that checks the folds also collects the Hessians of the scaled block.
             AWQ(grid=self.awq_grid, clip=False, search_tokens=self.awq_tokens).scale_block(
-                block, modules, forward, watch=watch
+                block, modules, forward, watch=watch, keep_inputs=False
             )
         if watched:
             stats = watched[0]
