@@ -14,6 +14,8 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
+from bench import report
+
 
 def main() -> None:
     from huggingface_hub import constants
@@ -67,8 +69,7 @@ def main() -> None:
             f"{100 * excess:>17.2f}%"
         )
     print("\n".join(lines))
-    if a.save:
-        a.save.write_text("\n".join(lines) + "\n")
+    report.save(lines, a.save)
 
 
 if __name__ == "__main__":

@@ -17,6 +17,8 @@ import copy
 import time
 from pathlib import Path
 
+from bench import report
+
 VARIANTS = {
     "plain": {"awq_scales": False, "mse": False},
     "mse": {"awq_scales": False, "mse": True},
@@ -65,8 +67,7 @@ def main() -> None:
         p = perplexity(q, tokens, 512, 16).ppl
         lines.append(f"{name:<12} ppl {p:.3f} ({100 * (p / base - 1):+.2f}%), quantize {dt:.0f} s")
         print(lines[-1], flush=True)
-    if a.save:
-        a.save.write_text("\n".join(lines) + "\n")
+    report.save(lines, a.save)
 
 
 if __name__ == "__main__":

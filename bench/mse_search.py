@@ -17,6 +17,8 @@ from pathlib import Path
 
 import torch
 
+from bench import report
+
 SCHEMES = {"w4g64a": (4, 64, False), "w4g64s": (4, 64, True), "w3g64a": (3, 64, False)}
 SCHEMES["w8pcs"] = (8, -1, True)
 RULES = [(2, 1), (4, 2), (4, 3), (6, 5), (8, 4), (8, 7)]
@@ -80,6 +82,7 @@ def main() -> None:
         f"{'scheme':>7} {'stride':>6} {'radius':>6} {'tries':>5} {'same choice':>11} "
         f"{'mean excess':>11} {'worst excess':>12}",
     ]
+    print("\n".join(lines), flush=True)
     for name in a.schemes.split(","):
         errors = curves(weights, *SCHEMES[name], a.rows)
         for stride, radius in RULES:
@@ -88,12 +91,8 @@ def main() -> None:
                 f"{name:>7} {stride:>6} {radius:>6} {tries:>5} {same:>11.4f} {mean:>11.2e} "
                 f"{worst:>12.3f}"
             )
-        print("\n".join(lines[-len(RULES) :]), flush=True)
-    text = "\n".join(lines)
-    print(text)
-    if a.save:
-        a.save.parent.mkdir(parents=True, exist_ok=True)
-        a.save.write_text(text + "\n")
+            print(lines[-1], flush=True)
+    report.save(lines, a.save)
 
 
 if __name__ == "__main__":

@@ -55,6 +55,7 @@ from sqlalchemy import create_engine, text
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+from bench import report  # noqa: E402
 from tests.support.services import ensure_postgres, ensure_redis, free_port  # noqa: E402
 
 SPEC = {"model_id": "bench/no-such-model", "method": "rtn", "bits": 4, "group_size": 64}
@@ -411,11 +412,8 @@ def main() -> None:
         "",
         *goals(closed, opened, runs, max(counts)),
     ]
-    text_out = "\n".join(lines)
-    print(text_out)
-    if args.save:
-        args.save.parent.mkdir(parents=True, exist_ok=True)
-        args.save.write_text(text_out + "\n")
+    print("\n".join(lines))
+    report.save(lines, args.save)
 
 
 if __name__ == "__main__":

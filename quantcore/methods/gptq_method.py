@@ -142,16 +142,14 @@ class GPTQ:
             AWQ(grid=self.awq_grid, clip=False, search_tokens=self.awq_tokens).scale_block(
                 block, modules, forward, watch=watch, keep_inputs=False
             )
-        if watched:
-            stats = watched[0]
-        else:
+        if not watched:
             # One full pass: every Hessian of the float block, and the order of the steps.
             finish = watch()
             try:
                 forward()
             finally:
                 finish(True)
-            stats = watched[0]
+        stats = watched[0]
         missing = [n for n in modules if stats.calls[n] == 0]
         if missing:
             raise RuntimeError(f"{missing[0]} saw no calibration input; it is never called")
