@@ -15,7 +15,7 @@ from sqlalchemy.exc import IntegrityError
 
 from api.auth import Admin
 from api.deps import SessionDep, SettingsDep
-from api.schemas import HookResult, WatchIn, WatchOut
+from api.schemas import ERROR_BODY, HookResult, WatchIn, WatchOut
 from jobs import hooks
 from jobs.auth import TokenError, check_team
 from jobs.dispatch import send_pending
@@ -25,7 +25,6 @@ from jobs.submission import DuplicateInFlight, SpecRejected
 
 log = logging.getLogger(__name__)
 router = APIRouter(tags=["hooks"])
-_ERR = {"content": {"application/json": {"example": {"detail": "what went wrong"}}}}
 
 
 @router.post(
@@ -33,10 +32,10 @@ _ERR = {"content": {"application/json": {"example": {"detail": "what went wrong"
     response_model=HookResult,
     operation_id="hub_webhook",
     responses={
-        401: {"description": "X-Webhook-Secret missing or wrong.", **_ERR},
-        409: {"description": "The same push is being handled right now.", **_ERR},
-        422: {"description": "Not a JSON object, or a watch's spec is refused.", **_ERR},
-        503: {"description": "No secret configured (QF_HF_WEBHOOK_SECRET).", **_ERR},
+        401: {"description": "X-Webhook-Secret missing or wrong.", **ERROR_BODY},
+        409: {"description": "The same push is being handled right now.", **ERROR_BODY},
+        422: {"description": "Not a JSON object, or a watch's spec is refused.", **ERROR_BODY},
+        503: {"description": "No secret configured (QF_HF_WEBHOOK_SECRET).", **ERROR_BODY},
     },
 )
 async def hub_webhook(
@@ -84,17 +83,6 @@ def _handle_push(factory, settings: Settings, push: hooks.Push) -> HookResult:
     return HookResult(created=created, existing=existing, ignored=ignored)
 
 
-def _watch_out(w: WatchedRepo) -> WatchOut:
-    return WatchOut(
-        id=w.id,
-        model_id=w.model_id,
-        branch=w.branch,
-        team=w.team,
-        specs=w.specs,
-        created_at=w.created_at,
-    )
-
-
 @router.post(
     "/v1/watches",
     status_code=201,
@@ -102,8 +90,11 @@ def _watch_out(w: WatchedRepo) -> WatchOut:
     operation_id="create_watch",
     tags=["hooks"],
     responses={
-        409: {"description": "This repo and branch are already watched for the team.", **_ERR},
-        422: {"description": "A spec of the matrix is invalid.", **_ERR},
+        409: {
+            "description": "This repo and branch are already watched for the team.",
+            **ERROR_BODY,
+        },
+        422: {"description": "A spec of the matrix is invalid.", **ERROR_BODY},
     },
 )
 def create_watch(body: WatchIn, session: SessionDep, principal: Admin) -> WatchOut:
@@ -123,20 +114,20 @@ def create_watch(body: WatchIn, session: SessionDep, principal: Admin) -> WatchO
         raise HTTPException(
             409, f"{body.model_id}@{body.branch} is already watched for team {team}"
         ) from None
-    return _watch_out(watch)
+    return WatchOut.model_validate(watch)
 
 
 @router.get("/v1/watches", response_model=list[WatchOut], operation_id="list_watches")
 def list_watches(session: SessionDep, _principal: Admin) -> list[WatchOut]:
     rows = session.scalars(select(WatchedRepo).order_by(WatchedRepo.created_at)).all()
-    return [_watch_out(w) for w in rows]
+    return [WatchOut.model_validate(w) for w in rows]
 
 
 @router.delete(
     "/v1/watches/{watch_id}",
     status_code=204,
     operation_id="delete_watch",
-    responses={404: {"description": "No such watch.", **_ERR}},
+    responses={404: {"description": "No such watch.", **ERROR_BODY}},
 )
 def delete_watch(watch_id: str, session: SessionDep, _principal: Admin) -> None:
     watch = session.get(WatchedRepo, watch_id)

@@ -18,6 +18,7 @@ from starlette.concurrency import run_in_threadpool
 from api.auth import Reader, Submitter
 from api.deps import SessionDep, SettingsDep
 from api.schemas import (
+    ERROR_BODY,
     LIST_QUERY,
     ArtifactFile,
     ArtifactsOut,
@@ -44,11 +45,10 @@ JOB_LINKS = {
     "JobEvents": {"operationId": "job_events", "parameters": _JOB_ID},
     "JobArtifacts": {"operationId": "job_artifacts", "parameters": _JOB_ID},
 }
-_ERR = {"content": {"application/json": {"example": {"detail": "what went wrong"}}}}
-NOT_FOUND = {404: {"description": "No such job in the caller's team.", **_ERR}}
+NOT_FOUND = {404: {"description": "No such job in the caller's team.", **ERROR_BODY}}
 AUTH = {
-    401: {"description": "No API token, or an unknown or revoked one.", **_ERR},
-    403: {"description": "The token lacks the scope this needs.", **_ERR},
+    401: {"description": "No API token, or an unknown or revoked one.", **ERROR_BODY},
+    403: {"description": "The token lacks the scope this needs.", **ERROR_BODY},
 }
 
 
@@ -82,8 +82,11 @@ def released(session: Session, out):
             "links": JOB_LINKS,
         },
         201: {"description": "Created and queued.", "links": JOB_LINKS},
-        409: {"description": "The same Idempotency-Key is being used at this moment.", **_ERR},
-        422: {"description": "Invalid spec, or a reused key with a different spec.", **_ERR},
+        409: {
+            "description": "The same Idempotency-Key is being used at this moment.",
+            **ERROR_BODY,
+        },
+        422: {"description": "Invalid spec, or a reused key with a different spec.", **ERROR_BODY},
         **AUTH,
     },
 )
@@ -153,7 +156,7 @@ def get_job(job_id: str, session: SessionDep, principal: Reader) -> JobOut:
     status_code=202,
     response_model=JobOut,
     operation_id="cancel_job",
-    responses={409: {"description": "Already finished.", **_ERR}} | NOT_FOUND | AUTH,
+    responses={409: {"description": "Already finished.", **ERROR_BODY}} | NOT_FOUND | AUTH,
 )
 def cancel_job(job_id: str, session: SessionDep, principal: Submitter) -> JobOut:
     """A queued job is cancelled at once; a running one becomes `cancelling` and its worker
@@ -173,7 +176,7 @@ def cancel_job(job_id: str, session: SessionDep, principal: Submitter) -> JobOut
     status_code=202,
     response_model=JobOut,
     operation_id="retry_job",
-    responses={409: {"description": "Not failed or cancelled.", **_ERR}} | NOT_FOUND | AUTH,
+    responses={409: {"description": "Not failed or cancelled.", **ERROR_BODY}} | NOT_FOUND | AUTH,
 )
 def retry_job(
     job_id: str, session: SessionDep, settings: SettingsDep, principal: Submitter
@@ -235,7 +238,7 @@ def list_jobs(
     "/{job_id}/artifacts",
     response_model=ArtifactsOut,
     operation_id="job_artifacts",
-    responses={409: {"description": "The job has not succeeded.", **_ERR}} | NOT_FOUND | AUTH,
+    responses={409: {"description": "The job has not succeeded.", **ERROR_BODY}} | NOT_FOUND | AUTH,
 )
 def job_artifacts(job_id: str, session: SessionDep, principal: Reader) -> ArtifactsOut:
     """The files of a succeeded job's artifact with sizes and sha256 (its manifest.json, as
@@ -283,7 +286,7 @@ def _sse(event_id: int, kind: str, data: dict) -> str:
                 }
             }
         },
-        422: {"description": "Last-Event-ID is not an event id.", **_ERR},
+        422: {"description": "Last-Event-ID is not an event id.", **ERROR_BODY},
     }
     | NOT_FOUND
     | AUTH,

@@ -8,15 +8,14 @@ from fastapi import APIRouter, HTTPException, Query, Request
 
 from api.auth import Admin, Caller
 from api.deps import SessionDep
-from api.schemas import TokenCreated, TokenIn, TokenOut
+from api.schemas import ERROR_BODY, TokenCreated, TokenIn, TokenOut
 from jobs import auth
 from jobs.models import ApiToken
 
 router = APIRouter(prefix="/v1/tokens", tags=["tokens"])
-_ERR = {"content": {"application/json": {"example": {"detail": "what went wrong"}}}}
 AUTH = {
-    401: {"description": "No API token, or an unknown or revoked one.", **_ERR},
-    403: {"description": "The token lacks the admin scope.", **_ERR},
+    401: {"description": "No API token, or an unknown or revoked one.", **ERROR_BODY},
+    403: {"description": "The token lacks the admin scope.", **ERROR_BODY},
 }
 
 
@@ -38,7 +37,7 @@ def _out(row: ApiToken) -> dict:
     status_code=201,
     response_model=TokenCreated,
     operation_id="create_token",
-    responses={422: {"description": "Bad team, scopes or name.", **_ERR}} | AUTH,
+    responses={422: {"description": "Bad team, scopes or name.", **ERROR_BODY}} | AUTH,
 )
 def create_token(
     body: TokenIn, request: Request, session: SessionDep, principal: Admin
@@ -74,7 +73,7 @@ def list_tokens(
     "/{token_id}",
     response_model=TokenOut,
     operation_id="revoke_token",
-    responses={404: {"description": "No such token.", **_ERR}} | AUTH,
+    responses={404: {"description": "No such token.", **ERROR_BODY}} | AUTH,
 )
 def revoke_token(
     token_id: str, request: Request, session: SessionDep, principal: Caller

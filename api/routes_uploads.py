@@ -9,12 +9,11 @@ from fastapi import APIRouter, File, HTTPException, UploadFile
 
 from api.auth import Reader, Submitter
 from api.deps import SessionDep, SettingsDep
-from api.schemas import UploadOut
+from api.schemas import ERROR_BODY, UploadOut
 from jobs.models import CalibrationUpload
 from jobs.uploads import UploadRejected, store_upload
 
 router = APIRouter(prefix="/v1/calibration", tags=["calibration"])
-_ERR = {"content": {"application/json": {"example": {"detail": "what went wrong"}}}}
 
 
 def _out(row: CalibrationUpload) -> UploadOut:
@@ -43,11 +42,11 @@ def _out(row: CalibrationUpload) -> UploadOut:
                 }
             }
         },
-        400: {"description": "The body is not valid multipart/form-data.", **_ERR},
-        401: {"description": "No API token, or an unknown or revoked one.", **_ERR},
-        403: {"description": "The token lacks the submit scope.", **_ERR},
-        413: {"description": "Larger than QF_CALIBRATION_MAX_BYTES.", **_ERR},
-        422: {"description": "Not a .txt/.jsonl UTF-8 text file.", **_ERR},
+        400: {"description": "The body is not valid multipart/form-data.", **ERROR_BODY},
+        401: {"description": "No API token, or an unknown or revoked one.", **ERROR_BODY},
+        403: {"description": "The token lacks the submit scope.", **ERROR_BODY},
+        413: {"description": "Larger than QF_CALIBRATION_MAX_BYTES.", **ERROR_BODY},
+        422: {"description": "Not a .txt/.jsonl UTF-8 text file.", **ERROR_BODY},
     },
 )
 def upload_calibration(
@@ -74,7 +73,7 @@ def upload_calibration(
     "/{upload_id}",
     response_model=UploadOut,
     operation_id="get_calibration",
-    responses={404: {"description": "No such upload in the caller's team.", **_ERR}},
+    responses={404: {"description": "No such upload in the caller's team.", **ERROR_BODY}},
 )
 def get_calibration(upload_id: str, session: SessionDep, principal: Reader) -> UploadOut:
     row = session.get(CalibrationUpload, upload_id)

@@ -22,6 +22,9 @@ from jobs.spec import (
     QualityGate,
 )
 
+# An error response's body in the OpenAPI document (every route returns {"detail": ...}).
+ERROR_BODY = {"content": {"application/json": {"example": {"detail": "what went wrong"}}}}
+
 
 class ProgressOut(BaseModel):
     phase: str | None
@@ -299,6 +302,8 @@ class WatchIn(BaseModel):
 
 
 class WatchOut(BaseModel):
+    model_config = ConfigDict(from_attributes=True)
+
     id: str
     model_id: str
     branch: str

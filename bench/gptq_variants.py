@@ -6,8 +6,8 @@ Each variant quantizes a copy of the in-memory model with 8 calibration samples 
 (wiki-excerpt, seed 0) and is scored by perplexity on 16 held-out windows of 512 tokens, the
 protocol of bench/quality.py. `plain` is textbook GPTQ (act-order, static groups); `mse` adds
 the per-group range search; `awq` adds AWQ's channel scales before GPTQ; `awq+mse` is the
-product's default (its scale search re-runs modules on the first 2048 calibration tokens);
-`awq+mse-all` searches on all 4096, `awq+mse-1k` on 1024, `awq+mse-512` on 512.
+product's default (its scale search re-runs modules on the first 512 calibration tokens);
+`awq+mse-all` searches on all 4096, `awq+mse-2k` on 2048, `awq+mse-1k` on 1024.
 """
 
 from __future__ import annotations
@@ -25,8 +25,8 @@ VARIANTS = {
     "awq": {"awq_scales": True, "mse": False},
     "awq+mse": {"awq_scales": True, "mse": True},
     "awq+mse-all": {"awq_scales": True, "mse": True, "awq_tokens": None},
+    "awq+mse-2k": {"awq_scales": True, "mse": True, "awq_tokens": 2048},
     "awq+mse-1k": {"awq_scales": True, "mse": True, "awq_tokens": 1024},
-    "awq+mse-512": {"awq_scales": True, "mse": True, "awq_tokens": 512},
 }
 
 

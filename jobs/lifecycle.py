@@ -301,7 +301,12 @@ def cancel_requested(session: Session, job_id: str, attempt: int) -> bool:
     return job is None or job.attempt != attempt or job.state != State.running.value
 
 
-def finish_cancelled(session: Session, job_id: str, attempt: int) -> bool:
+def finish_cancelled(
+    session: Session, job_id: str, attempt: int, message: str | None = None
+) -> bool:
+    """cancelling -> cancelled for `attempt`; `message` says how, when its worker did not
+    stop on its own."""
+    extra = {} if message is None else {"progress_message": message}
     return _fenced(
         session,
         job_id,
@@ -311,6 +316,7 @@ def finish_cancelled(session: Session, job_id: str, attempt: int) -> bool:
         finished_at=utcnow(),
         phase="cancelled",
         lease_expires_at=None,
+        **extra,
     )
 
 
@@ -362,15 +368,7 @@ def reap_expired(session: Session, now: datetime | None = None) -> list[tuple[st
     for job in expired:
         src, attempt = State(job.state), job.attempt
         if src == State.cancelling:
-            if _fenced(
-                session,
-                job.id,
-                src,
-                attempt,
-                State.cancelled,
-                finished_at=now,
-                lease_expires_at=None,
-            ):
+            if finish_cancelled(session, job.id, attempt):
                 actions.append((job.id, "cancelled"))
         elif attempt < job.max_attempts:
             if _fenced(session, job.id, src, attempt, State.retrying, lease_expires_at=None):
@@ -502,16 +500,8 @@ def overdue_cancels(session: Session, asked_before: datetime) -> list[Job]:
 
 def cancel_after_grace(session: Session, job_id: str, attempt: int, how: str) -> bool:
     """End a cancel whose worker did not stop in its grace period (its process was stopped)."""
-    return _fenced(
-        session,
-        job_id,
-        State.cancelling,
-        attempt,
-        State.cancelled,
-        finished_at=utcnow(),
-        phase="cancelled",
-        lease_expires_at=None,
-        progress_message=f"did not stop within the cancel grace period; {how}",
+    return finish_cancelled(
+        session, job_id, attempt, f"did not stop within the cancel grace period; {how}"
     )
 
 

@@ -51,8 +51,8 @@ class QuantizedWeight:
         if self.g_idx is None and in_f % self.group_size == 0:
             # Contiguous groups: broadcast each group's scale instead of gathering per column.
             n = in_f // self.group_size
-            c = self.codes.reshape(out_f, n, self.group_size).float()
-            w = (c - self.zeros.float()[..., None]) * self.scales.float()[..., None]
+            w = self.codes.reshape(out_f, n, self.group_size).float()
+            w.sub_(self.zeros.float()[..., None]).mul_(self.scales.float()[..., None])
             return w.view(out_f, in_f).to(dtype or self.scales.dtype)
         g = self.group_index()
         w = (self.codes.float() - self.zeros.float()[:, g]) * self.scales.float()[:, g]

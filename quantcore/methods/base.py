@@ -81,6 +81,8 @@ def install_quantized(linear: nn.Linear, qw: QuantizedWeight) -> float:
     model); returns the weight's relative error."""
     w = linear.weight.data
     deq = qw.dequantize(w.dtype)
-    err = relative_error(w, deq)
+    # In place, with no temporaries beyond `deq`: w briefly holds the rounding error.
+    norm = float(torch.linalg.vector_norm(w, dtype=torch.float32)) ** 2
+    diff = float(torch.linalg.vector_norm(w.sub_(deq), dtype=torch.float32)) ** 2
     w.copy_(deq)
-    return err
+    return diff / max(norm, 1e-30)

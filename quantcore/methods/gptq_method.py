@@ -16,6 +16,7 @@ asym, 8x512 calibration tokens (bench/results/): plain GPTQ +21.4% to +22.8% per
 from __future__ import annotations
 
 from collections.abc import Callable
+from dataclasses import replace
 
 import torch
 from torch import nn
@@ -29,16 +30,17 @@ from quantcore.qtensor import QuantizedWeight
 class _Stats:
     """Running Hessians for a set of Linears, and the input tensor each of them saw first.
 
+    Linears that read the very same input tensor (q/k/v; gate/up) share one Hessian: it is
+    accumulated once, by the first of them called (its owner).
     With `first_step_only`, a Hessian is accumulated only for the Linears that read the same
     input as the first one called (the first true-sequential step): the others' would be
     collected again, after that step is quantized."""
 
     def __init__(self, modules: dict[str, nn.Linear], first_step_only: bool = False):
-        self.h = {
-            n: torch.zeros(m.in_features, m.in_features, device=m.weight.device)
-            for n, m in modules.items()
-        }
-        self.n = dict.fromkeys(modules, 0)
+        self._modules = modules
+        self.h: dict[str, torch.Tensor] = {}  # by owner
+        self.n: dict[str, int] = {}
+        self.owner: dict[str, str] = {}  # module -> the module whose Hessian it shares
         self.calls = dict.fromkeys(modules, 0)
         # The first input each module saw, kept alive so that tensor identity is meaningful
         # (the id of a freed tensor can be reused by a later one).
@@ -46,6 +48,7 @@ class _Stats:
         self._first_step_only = first_step_only
         self._leader: str | None = None  # the first Linear called
         self._leader_input: torch.Tensor | None = None  # its input in the current batch
+        self._last: tuple[torch.Tensor, str] | None = None  # the last owner's input, and it
         self._handles = [m.register_forward_hook(self._hook(n)) for n, m in modules.items()]
 
     def _hook(self, name: str):
@@ -57,11 +60,28 @@ class _Stats:
                 self._leader = name
             if name == self._leader:
                 self._leader_input = x
+            shared = self._last is not None and x is self._last[0]
+            owner = self.owner.setdefault(name, self._last[1] if shared else name)
+            if owner != name:
+                if not shared:
+                    raise RuntimeError(
+                        f"{name} read {owner}'s input tensor in the first batch but not in a "
+                        "later one; their Hessians cannot be shared"
+                    )
+                return
+            self._last = (x, name)
             if self._first_step_only and x is not self._leader_input:
                 return
-            self.h[name], self.n[name] = accumulate_hessian(self.h[name], self.n[name], x.detach())
+            h = self.h.get(name)
+            if h is None:
+                m = self._modules[name]
+                h = torch.zeros(m.in_features, m.in_features, device=m.weight.device)
+            self.h[name], self.n[name] = accumulate_hessian(h, self.n.get(name, 0), x.detach())
 
         return hook
+
+    def hessian(self, name: str) -> torch.Tensor:
+        return self.h[self.owner[name]]
 
     def steps(self) -> list[list[str]]:
         """The modules grouped by shared input (q/k/v; gate/up), in the order they ran."""
@@ -77,6 +97,26 @@ class _Stats:
     def remove(self) -> None:
         for h in self._handles:
             h.remove()
+        self._last = None
+
+
+def quantize_together(
+    weights: list[torch.Tensor], hessian: torch.Tensor, cfg: GPTQConfig
+) -> list[QuantizedWeight]:
+    """GPTQ for Linears that share one input Hessian and one scheme, as one weight: GPTQ's rows
+    are independent given H, so stacking them changes nothing but the number of column steps
+    (one pass over the columns for q/k/v instead of three) and of Hessian inversions."""
+    if len(weights) == 1:
+        return [gptq_quantize(weights[0], hessian, cfg)[0]]
+    qw, _loss = gptq_quantize(torch.cat(weights), hessian, cfg, scale_dtype=weights[0].dtype)
+    out, start = [], 0
+    for w in weights:
+        rows = slice(start, start + w.shape[0])
+        # Copies: a view would keep (and a checkpoint would save) the whole stacked storage.
+        parts = {k: getattr(qw, k)[rows].clone() for k in ("codes", "scales", "zeros")}
+        out.append(replace(qw, **parts))
+        start += w.shape[0]
+    return out
 
 
 class GPTQ:
@@ -92,7 +132,7 @@ class GPTQ:
         true_sequential: bool = True,
         awq_scales: bool = True,
         awq_grid: int = 20,
-        awq_tokens: int | None = 2048,
+        awq_tokens: int | None = 512,
     ):
         self.block_size = block_size
         self.damp = damp
@@ -164,11 +204,17 @@ class GPTQ:
                     forward(stop_after=[linears[n] for n in step])
                 finally:
                     stats.remove()
+            # Linears of a step with one scheme and one dtype are quantized as one weight.
+            together: dict[tuple, list[str]] = {}
             for name in step:
                 lin, scheme = modules[name]
-                qw, _loss = gptq_quantize(lin.weight.data, stats.h[name], self.config(scheme))
-                err = install_quantized(lin, qw)
-                out[name] = qw
-                on_module(name, qw, err)
+                together.setdefault((scheme, lin.weight.dtype), []).append(name)
+            for (scheme, _dtype), names in together.items():
+                weights = [linears[n].weight.data for n in names]
+                qws = quantize_together(weights, stats.hessian(names[0]), self.config(scheme))
+                for name, qw in zip(names, qws, strict=True):
+                    err = install_quantized(linears[name], qw)
+                    out[name] = qw
+                    on_module(name, qw, err)
             del stats
         return out

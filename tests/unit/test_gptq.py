@@ -132,3 +132,23 @@ def test_static_group_params_are_each_groups_own(mse, in_f, gs):
     for g, start in enumerate(range(0, in_f, size)):
         s, z = _params(w[:, start : start + size], cfg, torch.float16)
         assert torch.equal(scales[:, g], s) and torch.equal(zeros[:, g], z)
+
+
+@pytest.mark.parametrize(("act_order", "mse"), [(True, False), (False, True)])
+def test_linears_sharing_a_hessian_are_quantized_as_one_weight(act_order, mse):
+    """q/k/v stacked into one GPTQ run give each Linear what its own run gives: rows are
+    independent given H. Each part owns its storage (a checkpoint saves only its rows)."""
+    from quantcore.methods.gptq_method import quantize_together
+
+    w, h, _ = _problem(out_f=40, in_f=96)
+    parts = [w[:24] * 3, w[24:32], w[32:]]
+    cfg = GPTQConfig(4, 32, False, block_size=64, act_order=act_order, mse=mse)
+    together = quantize_together(parts, h, cfg)
+    for part, qw in zip(parts, together, strict=True):
+        alone, _ = gptq_quantize(part, h, cfg)
+        assert qw.shape == part.shape
+        assert (qw.codes == alone.codes).float().mean() > 0.999
+        # Dynamic groups take their ranges from updated columns: float-rounding close.
+        torch.testing.assert_close(qw.scales, alone.scales, rtol=1e-4, atol=0)
+        assert (qw.zeros == alone.zeros).float().mean() > 0.99
+        assert qw.codes.untyped_storage().nbytes() == qw.codes.numel()

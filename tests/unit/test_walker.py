@@ -323,3 +323,105 @@ def test_default_gptq_takes_its_hessians_from_the_fold_check(
     for name, qw in shared.items():
         assert torch.equal(qw.codes, own[name].codes), name
         assert torch.equal(qw.scales, own[name].scales), name
+
+
+@torch.no_grad()
+def test_linears_reading_one_input_share_one_hessian(model, tokenizer):
+    """q/k/v (and gate/up) read one tensor: its Hessian is accumulated once, by the first of
+    them, and equals the one computed here from that input."""
+    from quantcore.methods.gptq import accumulate_hessian
+    from quantcore.methods.gptq_method import _Stats
+    from quantcore.models.loading import linear_modules
+
+    block = decoder_layers(model)[1][0]
+    linears = linear_modules(block)
+    seen: dict[str, list[torch.Tensor]] = {}
+    handles = [
+        lin.register_forward_hook(lambda _m, a, _o, n=n: seen.setdefault(n, []).append(a[0]))
+        for n, lin in linears.items()
+    ]
+    stats = _Stats(linears)
+    samples = calibration_samples(tokenizer, "wiki-excerpt", 4, 32, seed=0)
+    for start in (0, 2):  # two batches
+        model(input_ids=samples[start : start + 2], use_cache=False)
+    stats.remove()
+    for h in handles:
+        h.remove()
+    assert stats.steps() == [
+        ["self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"],
+        ["self_attn.o_proj"],
+        ["mlp.gate_proj", "mlp.up_proj"],
+        ["mlp.down_proj"],
+    ]
+    assert sorted(stats.h) == [
+        "mlp.down_proj",
+        "mlp.gate_proj",
+        "self_attn.o_proj",
+        "self_attn.q_proj",
+    ]
+    assert stats.hessian("self_attn.v_proj") is stats.hessian("self_attn.q_proj")
+    assert stats.hessian("mlp.up_proj") is stats.hessian("mlp.gate_proj")
+    for name in ("self_attn.k_proj", "mlp.up_proj", "mlp.down_proj"):
+        h, n = torch.zeros(linears[name].in_features, linears[name].in_features), 0
+        for x in seen[name]:
+            h, n = accumulate_hessian(h, n, x)
+        torch.testing.assert_close(stats.hessian(name), h)
+
+
+def test_later_passes_replay_what_cannot_have_changed(tiny_model_dir, tokenizer, monkeypatch):
+    """Once q/k/v/o are final, GPTQ's later passes (and the walker's last one) replay the
+    attention's kept outputs instead of recomputing them; once gate/up are final, theirs. The
+    codes and the quantized model are exactly those of a walk that recomputes everything."""
+    from contextlib import contextmanager
+
+    from torch import nn
+
+    from quantcore.methods.gptq_method import GPTQ
+    from quantcore.replay import FrozenOutputs
+
+    samples = calibration_samples(tokenizer, "wiki-excerpt", 4, 32, seed=0)
+    held_out = calibration_samples(tokenizer, "wiki-excerpt", 2, 32, seed=7)
+    linear_forward = nn.Linear.forward
+
+    def run() -> tuple[dict, dict, torch.Tensor]:
+        m = AutoModelForCausalLM.from_pretrained(tiny_model_dir).eval()
+        names = {id(mod): n.rsplit(".", 1)[-1] for n, mod in m.named_modules()}
+        computed: dict[str, int] = {}
+
+        def counting(self, x):
+            computed[names[id(self)]] = computed.get(names[id(self)], 0) + 1
+            return linear_forward(self, x)
+
+        monkeypatch.setattr(nn.Linear, "forward", counting)
+        scheme = SchemeMap(QuantScheme(4, 32, False))
+        q = quantize_model(m, samples, GPTQ(awq_scales=False), scheme, batch_size=2)
+        monkeypatch.setattr(nn.Linear, "forward", linear_forward)
+        with torch.no_grad():
+            logits = m(input_ids=held_out).logits
+        return q, computed, logits
+
+    replayed, computed, logits = run()
+
+    @contextmanager
+    def never(self, record=True):
+        yield
+
+    monkeypatch.setattr(FrozenOutputs, "run", never)
+    full, computed_full, logits_full = run()
+    # Per block and batch (2 blocks, 2 batches), over GPTQ's passes for q/k/v, o, gate/up and
+    # down and the walker's last pass.
+    per = {k: v // 4 for k, v in computed.items()}
+    per_full = {k: v // 4 for k, v in computed_full.items()}
+    attn, mlp = ("q_proj", "k_proj", "v_proj", "o_proj"), ("gate_proj", "up_proj")
+    assert per_full == {**dict.fromkeys(attn, 5), **dict.fromkeys(mlp, 4), "down_proj": 3}
+    assert per == {
+        **dict.fromkeys(attn[:3], 2),
+        "o_proj": 3,
+        **dict.fromkeys(mlp, 3),
+        "down_proj": 3,
+    }
+    assert replayed.keys() == full.keys()
+    for name, qw in replayed.items():
+        assert torch.equal(qw.codes, full[name].codes), name
+        assert torch.equal(qw.scales, full[name].scales), name
+    assert torch.equal(logits, logits_full)
