@@ -2,14 +2,16 @@
 
 True-sequential: Linears that read the same input (q/k/v; gate/up) form one step; each step's
 Hessians are collected with the earlier steps already quantized, so later Linears see the
-inputs the quantized model will really give them.
+inputs the quantized model will really give them. A step's Linears share one Hessian and,
+with one scheme, are quantized as one stacked weight.
 
-By default each block first gets AWQ's activation-aware channel scales (searched on the same
-calibration inputs, folded into the producing norm or Linear so the float block is unchanged):
-salient input channels are scaled up before GPTQ rounds them; and each group's range is
-searched for the lowest rounding error (`mse`) instead of taken from min/max. On SmolLM2 w4 g64
-asym, 8x512 calibration tokens (bench/results/): plain GPTQ +21.4% to +22.8% perplexity, with
-`mse` +17.9%, with AWQ scales +14.2%, with both +10.9% (llm-compressor's GPTQ: +21.4%).
+By default each block first gets AWQ's activation-aware channel scales (searched on the
+first 512 calibration tokens, as good as 2048 in bench/gptq_variants.py; folded into the
+producing norm or Linear so the float block is unchanged): salient input channels are scaled
+up before GPTQ rounds them; and each group's range is searched for the lowest rounding error
+(`mse`) instead of taken from min/max. On SmolLM2 w4 g64 asym, 8x512 calibration tokens
+(bench/results/): plain GPTQ +21.4% to +22.8% perplexity, with `mse` +17.9%, with AWQ scales
++14.2%, with both +10.9% (llm-compressor's GPTQ: +21.4%).
 `awq_scales=False, mse=False` is plain GPTQ.
 """
 
