@@ -156,7 +156,7 @@ def _run_block(
     With `frozen`, submodules whose outputs cannot have changed since an earlier pass are
     replayed (and, with `record`, this pass's such outputs are kept for later passes)."""
     if frozen is None:
-        frozen = FrozenOutputs(block, ())
+        return _run_batches(block, batches, stop_after, None)
     with frozen.run(record):
         return _run_batches(block, batches, stop_after, frozen)
 
@@ -165,12 +165,13 @@ def _run_batches(
     block: nn.Module,
     batches: list[_Batch],
     stop_after: Collection[nn.Module],
-    frozen: FrozenOutputs,
+    frozen: FrozenOutputs | None,
 ) -> list[torch.Tensor] | None:
     if not stop_after:
         outs = []
         for i, x in enumerate(batches):
-            frozen.begin_batch(i)
+            if frozen is not None:
+                frozen.begin_batch(i)
             outs.append(_first_output(block(x.hidden, **x.kwargs)))
         return outs
     seen: set[int] = set()
@@ -185,7 +186,8 @@ def _run_batches(
     try:
         for i, x in enumerate(batches):
             seen.clear()
-            frozen.begin_batch(i)
+            if frozen is not None:
+                frozen.begin_batch(i)
             try:
                 block(x.hidden, **x.kwargs)
             except _StopBlock:
