@@ -152,7 +152,8 @@ def _run_block(
     record: bool = True,
 ) -> list[torch.Tensor] | None:
     """The block's outputs for every batch; with `stop_after`, each batch stops as soon as all
-    of those modules have run once (their hooks have what they need) and nothing is returned.
+    of those modules have been called once (their forward pre-hooks have their inputs; the
+    last of them does not run) and nothing is returned.
     With `frozen`, submodules whose outputs cannot have changed since an earlier pass are
     replayed (and, with `record`, this pass's such outputs are kept for later passes)."""
     if frozen is None:
@@ -176,13 +177,14 @@ def _run_batches(
         return outs
     seen: set[int] = set()
 
-    def hook(mod, _args, _out):
+    def hook(mod, _args):
         seen.add(id(mod))
         if len(seen) == len(stop_after):
             raise _StopBlock
 
-    # Registered after the method's own hooks, so those run first on the last module.
-    handles = [m.register_forward_hook(hook) for m in stop_after]
+    # Registered after the method's own pre-hooks, so those see the last module's input
+    # before the pass stops; that module itself does not run (its output is not needed).
+    handles = [m.register_forward_pre_hook(hook) for m in stop_after]
     try:
         for i, x in enumerate(batches):
             seen.clear()

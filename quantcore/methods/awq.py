@@ -46,14 +46,25 @@ def fake_quantize(
 ) -> torch.Tensor:
     """Round `w` [out, in] with RTN under `scheme` and dequantize it (fp32): the values of
     quantize_rtn(...).dequantize(), computed for all groups at once when they are whole."""
+    return fake_quantize_(w.float().clone(), scheme, scale_dtype or w.dtype)
+
+
+def fake_quantize_(
+    w: torch.Tensor, scheme: QuantScheme, scale_dtype: torch.dtype | None = None
+) -> torch.Tensor:
+    """`fake_quantize` in place on a contiguous fp32 `w`, which it returns (the scale search
+    rounds a weight some 13 times per group: no temporaries the size of the weight)."""
     out_f, in_f = w.shape
     gs = in_f if scheme.group_size == -1 else scheme.group_size
     if gs <= 0 or in_f % gs:
         qw = quantize_rtn(w, scheme.bits, scheme.group_size, scheme.symmetric, scale_dtype)
-        return qw.dequantize(torch.float32)
-    rows = w.float().reshape(out_f * (in_f // gs), gs)
-    deq = _round_trip(rows, scheme.bits, scheme.symmetric, scale_dtype or w.dtype)
-    return deq.reshape(out_f, in_f)
+        return w.copy_(qw.dequantize(torch.float32))
+    rows = w.view(out_f * (in_f // gs), gs)
+    scale, zero = group_params(rows, scheme.bits, scheme.symmetric, scale_dtype or w.dtype)
+    scale, zero = scale[:, None], zero[:, None]
+    maxq = (1 << scheme.bits) - 1
+    rows.div_(scale).round_().add_(zero).clamp_(0, maxq).sub_(zero).mul_(scale)
+    return w
 
 
 @dataclass(frozen=True)
@@ -88,21 +99,26 @@ def search_scales(
     stay as they are. `loss(effective_weights)` measures the output error of whatever module
     the caller inspects. alpha = 0 (s = 1) is plain RTN; the first minimum wins.
 
-    `stride` > 1 tries every stride-th grid point (and the last), then every point between
-    the best one's neighbours: the grid's minimum whenever the loss falls and then rises
-    along the grid at that scale, in about 2 * stride + grid / stride tries instead of grid.
+    `stride` > 1 tries every stride-th grid point (and the last), then refines around the
+    best with halving steps (strided_argmin): 9 tries instead of 20 at stride 5.
     Points not tried have loss NaN.
     """
     alphas = alpha_grid(grid)
+    # One fp32 buffer per rounded weight, reused by every exponent tried.
+    buffers = [
+        None if scheme is None else torch.empty(w.shape, device=w.device)
+        for w, scheme in zip(weights, schemes, strict=True)
+    ]
 
     def at(i: int) -> float:
         s = awq_scales(x_mean, alphas[i]).to(weights[0].device)
         candidates = []
-        for w, scheme in zip(weights, schemes, strict=True):
-            if scheme is None:
+        for w, scheme, buf in zip(weights, schemes, buffers, strict=True):
+            if scheme is None or buf is None:
                 candidates.append(w.float())
             else:
-                candidates.append(fake_quantize(w.float() * s, scheme, scale_dtype) / s)
+                torch.mul(w, s, out=buf)
+                candidates.append(fake_quantize_(buf, scheme, scale_dtype or w.dtype).div_(s))
         return float(loss(candidates))
 
     best, tried = strided_argmin(grid, at, stride)
@@ -114,9 +130,10 @@ def strided_argmin(
     n: int, value: Callable[[int], float], stride: int = 1
 ) -> tuple[int, dict[int, float]]:
     """The index in range(n) of the lowest `value` (the first on ties) among those tried, and
-    every value tried. Tries every stride-th index and the last, then each index between the
-    best one's neighbours: the true minimum whenever the values fall and then rise at that
-    scale. Index 0 is always tried."""
+    every value tried. Tries every stride-th index and the last, then refines around the best
+    so far with steps of half the stride, halved again down to 1 (stride 5: 5 coarse tries,
+    then 2 at distance 2, then 2 at distance 1). Index 0 is always tried; stride 1 tries all.
+    """
     if stride < 1:
         raise ValueError(f"stride must be at least 1, got {stride}")
     tried: dict[int, float] = {}
@@ -126,11 +143,19 @@ def strided_argmin(
             tried[i] = value(i)
         return tried[i]
 
-    coarse = sorted({*range(0, n, stride), n - 1})
-    best = min(coarse, key=lambda i: (at(i), i))
-    for i in range(max(0, best - stride + 1), min(n, best + stride)):
+    def best() -> int:
+        return min(tried, key=lambda i: (tried[i], i))
+
+    for i in sorted({*range(0, n, stride), n - 1}):
         at(i)
-    return min(tried, key=lambda i: (tried[i], i)), tried
+    step = stride // 2
+    while step >= 1:
+        centre = best()
+        for i in (centre - step, centre + step):
+            if 0 <= i < n:
+                at(i)
+        step //= 2
+    return best(), tried
 
 
 def _group_slices(in_features: int, group_size: int) -> list[slice]:

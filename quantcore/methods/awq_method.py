@@ -19,16 +19,16 @@ One block at a time, in four steps:
    those of the first sequences holding `search_tokens` tokens, unless cutting them changes
    what the module computes for its first sequence (then all of them).
 3. Folding. Each group's columns are scaled by s and 1/s is folded into its producer (a norm
-   computing (1 + weight) * x, as Gemma's do, is found by a probe and folded as such); one
-   pass of `forward()` after all folds checks that the block's float outputs did not change
-   (to the dtype's precision). If they did, each fold is tried alone and those that change
-   them are undone.
+   computing (1 + weight) * x, as Gemma's do, is found by a probe and folded as such); the
+   block re-run on its first recorded call after all folds checks that its float outputs did
+   not change (to the dtype's precision). If they did, each fold is tried alone and those
+   that change them are undone.
 4. Clipping and rounding. Each Linear's group ranges are clipped where that lowers the output
    error on a subsample of its (scaled) inputs, then it is rounded with RTN from the clipped
    ranges and installed.
 
 All statistics come from the float block (not true-sequential): AWQ's choices are local to a
-group and the cost stays at two passes plus the grid of module re-runs.
+group and the cost stays at one pass plus the grid of module re-runs.
 """
 
 from __future__ import annotations
@@ -203,6 +203,13 @@ def _take_sequences(obj, batch: int, n: int):
     return obj
 
 
+def _batch(call: tuple[tuple, dict]) -> int | None:
+    """The batch size of a module call: its input's first dimension."""
+    args, kwargs = call
+    x = args[0] if args else kwargs.get("hidden_states")
+    return x.shape[0] if isinstance(x, torch.Tensor) and x.dim() else None
+
+
 def search_calls(calls: list[tuple[tuple, dict]], tokens: int | None) -> list[tuple[tuple, dict]]:
     """About `tokens` tokens of `calls` for the scale search, which re-runs a module some 20
     times: a few thousand tokens settle one exponent as well as all of them. The first call
@@ -293,10 +300,12 @@ class AWQ:
     ):
         self.grid = grid
         self.search_tokens = search_tokens
-        # Every 5th exponent, then the points around the best (awq.search_scales): on
-        # SmolLM2's 90 searches (bench/results/awq-search-cpu-2core.txt) it found the
-        # exhaustive grid's choice every time in 13 tries instead of 20. It never does worse
-        # than plain rounding (alpha 0 is always tried).
+        # Every 5th exponent, then halving steps around the best (awq.strided_argmin): on
+        # SmolLM2's 90 searches (bench/results/awq-search-cpu-2core.txt) 9 tries instead of
+        # 20 find the exhaustive choice 81 times, a loss on average 0.44% above it. The
+        # attention's loss curves are jagged (one 512-token sequence), so the misses are
+        # mostly a neighbour within a few percent. It never does worse than plain rounding
+        # (alpha 0 is always tried).
         self.search_stride = search_stride
         self.clip = clip
         self.clip_grid = clip_grid
@@ -339,7 +348,7 @@ class AWQ:
         block: nn.Module,
         modules: dict[str, tuple[nn.Linear, QuantScheme]],
         forward: Callable[[], object],
-        watch: Callable[[], Callable[[bool], None]] | None = None,
+        watch: Callable[[], Callable[[], None]] | None = None,
         keep_inputs: bool = True,
     ) -> tuple[list[GroupResult], list[torch.Tensor | None], _Recorder]:
         """Steps 1-3: search scales and fold them in; the block's float outputs are unchanged.
@@ -347,23 +356,27 @@ class AWQ:
         Returns each group, its scales (None where none were applied) and the recorded
         inputs (as the float block saw them, before scaling).
 
-        `watch` lets a caller observe the pass that checks the folds (GPTQ collects its
-        Hessians there instead of running one more pass): it is called just before that pass,
-        and what it returns is called after it with whether the pass saw the final block (no
-        fold was undone). It is not called when nothing was folded (no pass runs).
-        With `keep_inputs=False` the recorder's tensors are dropped once the search is done,
-        before that pass (for a caller that does not clip).
+        `watch` lets a caller observe the recording pass, the one full pass of the float block
+        (GPTQ collects its first Hessians there instead of running a pass of its own): it is
+        called just before that pass, and what it returns right after it.
+        With `keep_inputs=False` the recorder's tensors are dropped once the search is done
+        (for a caller that does not clip).
         """
         linears = linear_modules(block)
         rec = _Recorder(block, linears)
+        end = watch() if watch is not None else None
         try:
             forward()
         finally:
             rec.remove()
+            if end is not None:
+                end()
         for name in modules:
             if not rec.inputs[name]:
                 raise RuntimeError(f"{name} saw no calibration input; it is never called")
-        reference = rec.block_outputs
+        # The folds are checked on the block's first call: a fold that is not exact changes
+        # every sequence's outputs, so one sequence shows it at a fraction of a full pass.
+        first_call, reference = rec.calls[""][0], rec.block_outputs[0]
 
         groups = self._groups(block, linears, rec)
         scales: list[torch.Tensor | None] = []
@@ -389,13 +402,13 @@ class AWQ:
             scales[-1] = search.scales
         if not keep_inputs:
             rec.release()
-        if folds and not self._unchanged(block, forward, reference, watch):
+        if folds and not self._unchanged(block, first_call, reference):
             # Some fold changed the float block: undo them all, then keep those that pass alone.
             for _, _, undo in reversed(folds):
                 undo()
             for i, g, _ in folds:
                 undo = fold_scales(block, g.members, g.producer, scales[i])
-                if not self._unchanged(block, forward, reference):
+                if not self._unchanged(block, first_call, reference):
                     undo()
                     g.note, g.fold = f"folding into {g.producer} changed the block; undone", None
                     scales[i] = None
@@ -466,12 +479,17 @@ class AWQ:
         full = rec.calls[g.inspected]
         calls = search_calls(full, self.search_tokens)
         cut = calls[0] is not full[0]
-        try:
-            refs = [_first(inspected(*a, **kw)).float() for a, kw in calls]
-        except RuntimeError:
-            if not cut:
-                raise
-            refs = None  # something in the call does not cut (a shared cache, say)
+        held = rec.held_outputs[g.inspected]
+        if len(calls) == 1 and calls[0] is full[0] and held.shape[0] == _batch(full[0]):
+            # The search runs on the first call, whose whole output the recorder kept.
+            refs = [held.float()]
+        else:
+            try:
+                refs = [_first(inspected(*a, **kw)).float() for a, kw in calls]
+            except RuntimeError:
+                if not cut:
+                    raise
+                refs = None  # something in the call does not cut (a shared cache, say)
         if cut and (refs is None or not self._same_start(refs[0], rec.held_outputs[g.inspected])):
             # The cut changed what the module computes: search on every call.
             calls = full
@@ -511,24 +529,9 @@ class AWQ:
         return relative_error(held, ref[:1]) <= max((16 * eps) ** 2, 1e-10)
 
     @staticmethod
-    def _unchanged(
-        block: nn.Module,
-        forward: Callable[[], object],
-        reference,
-        watch: Callable[[], Callable[[bool], None]] | None = None,
-    ) -> bool:
-        outputs: list[torch.Tensor] = []
-        finish = watch() if watch is not None else None
-        handle = block.register_forward_hook(lambda _m, _a, o: outputs.append(_first(o)))
-        ok = False
-        try:
-            forward()
-            eps = torch.finfo(reference[0].dtype).eps if reference[0].is_floating_point() else 0
-            tol = max((4 * eps) ** 2, 1e-10)
-            err = sum(relative_error(r, o) for r, o in zip(reference, outputs, strict=True))
-            ok = err / max(len(reference), 1) <= tol
-        finally:
-            handle.remove()
-            if finish is not None:
-                finish(ok)
-        return ok
+    def _unchanged(block: nn.Module, call: tuple[tuple, dict], reference: torch.Tensor) -> bool:
+        """Whether the block, run on its recorded `call`, still gives `reference` (to the
+        dtype's precision)."""
+        out = _first(block(*call[0], **call[1]))
+        eps = torch.finfo(reference.dtype).eps if reference.is_floating_point() else 0
+        return relative_error(reference, out) <= max((4 * eps) ** 2, 1e-10)

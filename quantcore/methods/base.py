@@ -49,8 +49,10 @@ class LayerMethod(Protocol):
 
     `forward(stop_after=())` runs the block (with its current weights) over the captured
     calibration inputs and returns its outputs; with `stop_after` (modules of the block), each
-    input stops once those modules have run, and it returns None. Methods that need statistics
-    attach hooks and call it, and must call it once in full before changing any weight (the
+    input stops as soon as all of those modules have been called, and it returns None: their
+    forward pre-hooks see their inputs, but the last one called does not run (nor anything
+    after it). Methods that need statistics attach hooks (pre-hooks for a stopped pass) and
+    call it, and must call it once in full before changing any weight (the
     walker keeps that pass as the block's float reference). Data-free methods
     (`needs_calibration = False`) get no inputs and must not call it.
     `on_module(name, qweight, error)` is called after each module.

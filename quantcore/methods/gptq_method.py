@@ -51,10 +51,19 @@ class _Stats:
         self._leader: str | None = None  # the first Linear called
         self._leader_input: torch.Tensor | None = None  # its input in the current batch
         self._last: tuple[torch.Tensor, str] | None = None  # the last owner's input, and it
-        self._handles = [m.register_forward_hook(self._hook(n)) for n, m in modules.items()]
+        self._handles: list = []
+
+    def attach(self) -> _Stats:
+        """Register the hooks (until `remove()`); they read each Linear's input before it
+        runs, so a pass stopped just before a Linear still gives its statistics."""
+        self.remove()
+        self._handles = [
+            m.register_forward_pre_hook(self._hook(n)) for n, m in self._modules.items()
+        ]
+        return self
 
     def _hook(self, name: str):
-        def hook(_mod, args, _out):
+        def hook(_mod, args):
             x = args[0]
             self.first_input.setdefault(name, x)
             self.calls[name] += 1
@@ -85,6 +94,14 @@ class _Stats:
     def hessian(self, name: str) -> torch.Tensor:
         return self.h[self.owner[name]]
 
+    def scale_inputs(self, names: tuple[str, ...], s: torch.Tensor) -> None:
+        """The inputs of the Linears `names` became X / s (AWQ folded 1/s into their
+        producer): their Hessians become H / (s s^T)."""
+        for owner in {self.owner[n] for n in names if n in self.owner}:
+            if owner in self.h:
+                s = s.to(self.h[owner].device, torch.float32)
+                self.h[owner].div_(s[:, None]).div_(s[None, :])
+
     def steps(self) -> list[list[str]]:
         """The modules grouped by shared input (q/k/v; gate/up), in the order they ran."""
         out: list[list[str]] = []
@@ -99,6 +116,7 @@ class _Stats:
     def remove(self) -> None:
         for h in self._handles:
             h.remove()
+        self._handles = []
         self._last = None
 
 
@@ -165,45 +183,41 @@ class GPTQ:
         on_module: ModuleDone,
     ) -> dict[str, QuantizedWeight]:
         linears = {n: lin for n, (lin, _) in modules.items()}
-        watched: list[_Stats] = []
-
-        def watch() -> Callable[[bool], None]:
-            stats = _Stats(linears, first_step_only=self.true_sequential)
-
-            def finish(final: bool) -> None:
-                stats.remove()
-                if final:
-                    watched.append(stats)
-
-            return finish
-
+        # The first full pass (AWQ's recording pass, when it runs) collects every Hessian of
+        # the float block, or with true-sequential those of the first step only, and the order.
+        order = _Stats(linears, first_step_only=self.true_sequential)
         if self.awq_scales:
             # AWQ's activation-aware channel scales, folded into the producing norm or Linear
-            # (the float block is unchanged); GPTQ then rounds the scaled weights. The pass
-            # that checks the folds also collects the Hessians of the scaled block.
-            AWQ(grid=self.awq_grid, clip=False, search_tokens=self.awq_tokens).scale_block(
-                block, modules, forward, watch=watch, keep_inputs=False
+            # (the float block is unchanged); GPTQ then rounds the scaled weights, whose
+            # inputs are X / s: their Hessian is H / (s s^T), no pass needed to collect it.
+            awq = AWQ(grid=self.awq_grid, clip=False, search_tokens=self.awq_tokens)
+            groups, scales, _ = awq.scale_block(
+                block, modules, forward, watch=lambda: order.attach().remove, keep_inputs=False
             )
-        if not watched:
-            # One full pass: every Hessian of the float block, and the order of the steps.
-            finish = watch()
+            for g, s in zip(groups, scales, strict=True):
+                if s is not None:
+                    order.scale_inputs(g.members, s)
+        else:
+            order.attach()
             try:
                 forward()
             finally:
-                finish(True)
-        stats = watched[0]
-        missing = [n for n in modules if stats.calls[n] == 0]
+                order.remove()
+        missing = [n for n in modules if order.calls[n] == 0]
         if missing:
             raise RuntimeError(f"{missing[0]} saw no calibration input; it is never called")
-        steps = stats.steps() if self.true_sequential else [list(modules)]
+        steps = order.steps() if self.true_sequential else [list(modules)]
         out: dict[str, QuantizedWeight] = {}
+        stats = order  # the first step's Hessians come from the full pass
         for k, step in enumerate(steps):
             if k:
-                # Later steps see the inputs the quantized earlier steps give them; the pass
-                # stops once the step's own Linears have run.
-                stats = _Stats({n: linears[n] for n in step})
+                # Later steps see the inputs the quantized earlier steps give them. Only the
+                # Hessians' owners are watched (the others read the same tensor), and the
+                # pass stops as soon as they have their inputs: none of the step runs.
+                owners = {n: linears[n] for n in step if order.owner[n] == n}
+                stats = _Stats(owners).attach()
                 try:
-                    forward(stop_after=[linears[n] for n in step])
+                    forward(stop_after=list(owners.values()))
                 finally:
                     stats.remove()
             # Linears of a step with one scheme and one dtype are quantized as one weight.
@@ -213,10 +227,11 @@ class GPTQ:
                 together.setdefault((scheme, lin.weight.dtype), []).append(name)
             for (scheme, _dtype), names in together.items():
                 weights = [linears[n].weight.data for n in names]
-                qws = quantize_together(weights, stats.hessian(names[0]), self.config(scheme))
+                hessian = stats.h[order.owner[names[0]]]
+                qws = quantize_together(weights, hessian, self.config(scheme))
                 for name, qw in zip(names, qws, strict=True):
                     err = install_quantized(linears[name], qw)
                     out[name] = qw
                     on_module(name, qw, err)
-            del stats
+            stats.h.clear()  # used: the next step collects its own
         return out

@@ -198,7 +198,8 @@ def _search_effort(block, forward, search_tokens):
     )
     modules = {n: (lin, W3G32) for n, lin in linear_modules(block).items()}
     try:
-        groups, _, _ = AWQ(grid=6, search_tokens=search_tokens).scale_block(block, modules, forward)
+        awq = AWQ(grid=6, search_tokens=search_tokens, search_stride=1)  # every exponent
+        groups, _, _ = awq.scale_block(block, modules, forward)
     finally:
         h.remove()
     return groups, seen[0]
@@ -227,6 +228,39 @@ def test_a_search_on_the_first_sequences_sees_only_them(tiny_model_dir, tokenize
     assert any(g.alpha for g in every)  # something was searched and folded
     # The reference and the 6 grid re-runs of self_attn saw 2 sequences of 64 tokens, not 4.
     assert seen_cut == seen_all - (1 + 6) * 2 * 64
+
+
+@torch.no_grad()
+def test_a_search_on_the_first_call_takes_its_reference_from_the_recording(
+    tiny_model_dir, tokenizer, monkeypatch
+):
+    """One sequence per call, as the walker runs: a search on the first call alone compares
+    against the output the recording pass kept, instead of running the module once more,
+    and finds the very losses a recomputed reference gives."""
+    from quantcore.methods import awq_method
+
+    ids = calibration_samples(tokenizer, "wiki-excerpt", 3, 64, seed=0)
+
+    def forward(m):
+        for i in range(ids.shape[0]):
+            m(input_ids=ids[i : i + 1], use_cache=False)
+
+    results = {}
+    for kept in (True, False):
+        if not kept:  # no call's batch is known: every reference is computed
+            monkeypatch.setattr(awq_method, "_batch", lambda call: None)
+        model = _fresh(tiny_model_dir)
+        block = decoder_layers(model)[1][0]
+        results[kept] = _search_effort(block, lambda m=model: forward(m), 64)
+    (kept, seen_kept), (computed, seen_computed) = results[True], results[False]
+    assert [g.alpha for g in kept] == [g.alpha for g in computed]
+    for a, b in zip(kept, computed, strict=True):
+        torch.testing.assert_close(
+            torch.tensor(a.losses), torch.tensor(b.losses), rtol=1e-5, atol=0
+        )
+    assert any(g.alpha for g in kept)
+    # self_attn's reference run (64 tokens through q_proj) is the one saved.
+    assert seen_kept == seen_computed - 64
 
 
 class _MixingNorm(nn.Module):
@@ -262,7 +296,7 @@ def test_a_module_that_mixes_sequences_is_searched_on_whole_calls():
         torch.manual_seed(1)
         block = _Outer(32)
         modules = {n: (lin, W3G32) for n, lin in linear_modules(block).items()}
-        groups, _, _ = AWQ(grid=6, search_tokens=tokens).scale_block(
+        groups, _, _ = AWQ(grid=6, search_tokens=tokens, search_stride=1).scale_block(
             block, modules, lambda b=block: b(x)
         )
         (g,) = groups
@@ -300,7 +334,7 @@ def test_scale_search_protects_outlier_channels():
     assert float((folded - ref).pow(2).mean()) == pytest.approx(best, rel=1e-4)
 
 
-def test_a_strided_search_finds_the_grid_minimum_in_fewer_tries():
+def test_a_strided_search_finds_a_smooth_curves_minimum_in_fewer_tries():
     g = torch.Generator().manual_seed(1)
     x = torch.randn(256, 64, generator=g)
     x[:, [5, 9, 33]] *= 20
@@ -316,8 +350,8 @@ def test_a_strided_search_finds_the_grid_minimum_in_fewer_tries():
     assert len(calls) == 20
     calls.clear()
     strided = search_scales(x.abs().mean(0), [w], [W3G32], loss, grid=20, stride=4)
-    # 0, 4, ..., 16, 19, then the points between the best one's neighbours.
-    assert len(calls) <= 6 + 6
+    # 0, 4, ..., 16, 19, then two at distance 2 from the best, two at distance 1.
+    assert len(calls) <= 6 + 2 + 2
     assert strided.alpha == every.alpha and torch.equal(strided.scales, every.scales)
     tried = [i for i, v in enumerate(strided.losses) if v == v]
     assert len(tried) == len(calls)

@@ -167,8 +167,9 @@ def test_gptq_is_true_sequential_and_beats_rtn(tiny_model_dir, tokenizer):
         errors[name] = float((a - b).pow(2).mean())
     # Llama blocks: q/k/v share an input, then o, then gate/up, then down: four steps, each
     # collected after the earlier steps were quantized; after the first (full) pass, each
-    # pass stops once the step's own Linears ran.
-    assert Counting.steps == [[(0, 0), (3, 1), (4, 2), (6, 1)]] * 2
+    # pass stops once the step's input is there (gate/up: at gate_proj, whose input up_proj
+    # shares).
+    assert Counting.steps == [[(0, 0), (3, 1), (4, 1), (6, 1)]] * 2
     assert errors["gptq"] < errors["rtn"]
     # The first layer's reported output error, against one computed here from the float and
     # the quantized first block on the same inputs (the walker reuses GPTQ's float pass).
@@ -250,28 +251,31 @@ def test_killed_run_resumes_bit_identical(tiny_model_dir, tokenizer, tmp_path):
 
 
 def test_a_stopped_pass_runs_only_up_to_its_modules(tiny_model_dir, tokenizer):
-    """forward(stop_after=...) leaves the Linears after those modules uncalled."""
+    """forward(stop_after=...) calls those modules (their pre-hooks see their inputs) but
+    runs neither the last of them nor anything after it."""
     from quantcore.methods.base import install_quantized
     from quantcore.methods.rtn import quantize_rtn
 
     samples = calibration_samples(tokenizer, "wiki-excerpt", 4, 32, seed=0)
     m = AutoModelForCausalLM.from_pretrained(tiny_model_dir).eval()
-    calls: list[list[str]] = []
+    calls: list[tuple[list[str], list[str]]] = []
 
     class Probe:
         name, needs_calibration = "probe", True
 
         def quantize_block(self, block, modules, forward, on_module):
-            seen: list[str] = []
-            handles = [
-                lin.register_forward_hook(lambda *_a, n=n: seen.append(n))
-                for n, (lin, _) in modules.items()
-            ]
+            called: list[str] = []
+            ran: list[str] = []
+            handles = []
+            for n, (lin, _) in modules.items():
+                handles.append(lin.register_forward_pre_hook(lambda *_a, n=n: called.append(n)))
+                handles.append(lin.register_forward_hook(lambda *_a, n=n: ran.append(n)))
             full = forward()
-            calls.append(list(seen))
-            seen.clear()
+            calls.append((list(called), list(ran)))
+            called.clear()
+            ran.clear()
             assert forward(stop_after=[modules["self_attn.o_proj"][0]]) is None
-            calls.append(list(seen))
+            calls.append((list(called), list(ran)))
             for h in handles:
                 h.remove()
             out = {}
@@ -282,47 +286,69 @@ def test_a_stopped_pass_runs_only_up_to_its_modules(tiny_model_dir, tokenizer):
             return out
 
     quantize_model(m, samples, Probe(), SchemeMap(QuantScheme(4, 32, False)), batch_size=4)
-    assert calls[1] == [n for n in calls[0] if not n.startswith("mlp.")]
-    assert calls[1][-1] == "self_attn.o_proj" and calls[0][-1] == "mlp.down_proj"
+    (all_called, all_ran), (called, ran) = calls[:2]
+    assert all_called == all_ran and all_ran[-1] == "mlp.down_proj"
+    assert called == [n for n in all_called if not n.startswith("mlp.")]
+    assert called[-1] == "self_attn.o_proj" and ran == called[:-1]
 
 
-def test_default_gptq_takes_its_hessians_from_the_fold_check(
+def test_default_gptq_takes_its_first_hessians_from_awqs_recording_pass(
     tiny_model_dir, tokenizer, monkeypatch
 ):
-    """With AWQ scales, the pass that checks the folds also collects GPTQ's first Hessians:
-    one full pass fewer per block, and the very same codes as with a pass of its own."""
+    """With AWQ scales, GPTQ's first Hessians come from AWQ's recording pass, rescaled by the
+    folded scales (the inputs became X / s, so H becomes H / s s^T): one full pass per block,
+    and GPTQ uses the Hessian that the scaled block's own inputs give."""
+    from quantcore.methods import gptq_method
     from quantcore.methods.awq_method import AWQ
-    from quantcore.methods.gptq_method import GPTQ
+    from quantcore.methods.gptq_method import GPTQ, _Stats
 
     samples = calibration_samples(tokenizer, "wiki-excerpt", 4, 32, seed=0)
-    check = AWQ._unchanged
+    scheme = SchemeMap(QuantScheme(4, 32, False))
 
-    def run() -> tuple[dict, int]:
-        m = AutoModelForCausalLM.from_pretrained(tiny_model_dir).eval()
-        method, full = GPTQ(awq_grid=4), [0]
-        inner = method.quantize_block
+    # One full pass per block: AWQ's recording pass (the fold check re-runs one call).
+    method, full = GPTQ(awq_grid=4), [0]
+    inner = method.quantize_block
 
-        def counting(block, modules, forward, on_module):
-            def counted(stop_after=()):
-                full[0] += not stop_after
-                return forward(stop_after)
+    def counting(block, modules, forward, on_module):
+        def counted(stop_after=()):
+            full[0] += not stop_after
+            return forward(stop_after)
 
-            return inner(block, modules, counted, on_module)
+        return inner(block, modules, counted, on_module)
 
-        method.quantize_block = counting
-        q = quantize_model(m, samples, method, SchemeMap(QuantScheme(4, 32, False)), batch_size=4)
-        return q, full[0]
+    method.quantize_block = counting
+    m = AutoModelForCausalLM.from_pretrained(tiny_model_dir).eval()
+    quantize_model(m, samples, method, scheme, batch_size=4)
+    assert full[0] == len(decoder_layers(m)[1])
 
-    shared, shared_passes = run()
-    monkeypatch.setattr(
-        AWQ, "_unchanged", staticmethod(lambda block, fwd, ref, watch=None: check(block, fwd, ref))
-    )
-    own, own_passes = run()
-    assert shared_passes == own_passes - 2  # both tiny blocks folded something
-    assert shared.keys() == own.keys()
-    for name, qw in shared.items():
-        assert torch.equal(qw.codes, own[name].codes), name
-        assert torch.equal(qw.scales, own[name].scales), name
+    # The Hessian GPTQ uses for q/k/v, against one collected from the scaled float block.
+    expected, used, folded = [], [], []
+    scale_block, together = AWQ.scale_block, gptq_method.quantize_together
+
+    def checking(self, block, modules, forward, **kw):
+        groups, scales, rec = scale_block(self, block, modules, forward, **kw)
+        pairs = zip(groups, scales, strict=True)
+        folded.append(next(s for g, s in pairs if "self_attn.q_proj" in g.members) is not None)
+        stats = _Stats({n: lin for n, (lin, _) in modules.items()}, first_step_only=True)
+        stats.attach()
+        forward()
+        stats.remove()
+        expected.append(stats.hessian("self_attn.q_proj"))
+        return groups, scales, rec
+
+    def recording(weights, hessian, cfg):
+        used.append(hessian.clone())
+        return together(weights, hessian, cfg)
+
+    monkeypatch.setattr(AWQ, "scale_block", checking)
+    monkeypatch.setattr(gptq_method, "quantize_together", recording)
+    m = AutoModelForCausalLM.from_pretrained(tiny_model_dir).eval()
+    quantize_model(m, samples, GPTQ(awq_grid=4), scheme, batch_size=4)
+    assert any(folded)  # the rescaling was exercised
+    firsts = used[:: len(used) // len(expected)]  # q/k/v is each block's first step
+    assert len(firsts) == len(expected) == 2
+    for h, want in zip(firsts, expected, strict=True):
+        torch.testing.assert_close(h, want, rtol=1e-4, atol=1e-6)
 
 
 @torch.no_grad()
@@ -340,7 +366,7 @@ def test_linears_reading_one_input_share_one_hessian(model, tokenizer):
         lin.register_forward_hook(lambda _m, a, _o, n=n: seen.setdefault(n, []).append(a[0]))
         for n, lin in linears.items()
     ]
-    stats = _Stats(linears)
+    stats = _Stats(linears).attach()
     samples = calibration_samples(tokenizer, "wiki-excerpt", 4, 32, seed=0)
     for start in (0, 2):  # two batches
         model(input_ids=samples[start : start + 2], use_cache=False)
@@ -413,13 +439,13 @@ def test_later_passes_replay_what_cannot_have_changed(tiny_model_dir, tokenizer,
     per = {k: v // 4 for k, v in computed.items()}
     per_full = {k: v // 4 for k, v in computed_full.items()}
     attn, mlp = ("q_proj", "k_proj", "v_proj", "o_proj"), ("gate_proj", "up_proj")
-    assert per_full == {**dict.fromkeys(attn, 5), **dict.fromkeys(mlp, 4), "down_proj": 3}
-    assert per == {
-        **dict.fromkeys(attn[:3], 2),
-        "o_proj": 3,
-        **dict.fromkeys(mlp, 3),
-        "down_proj": 3,
+    # Without replay: each pass stops as soon as its step's inputs are there, so each Linear
+    # is computed once per pass that goes past it.
+    assert per_full == {**dict.fromkeys(attn[:3], 5), "o_proj": 4, **dict.fromkeys(mlp, 3)} | {
+        "down_proj": 2
     }
+    # With replay, every Linear is computed twice: in the float pass, and once quantized.
+    assert per == dict.fromkeys((*attn, *mlp, "down_proj"), 2)
     assert replayed.keys() == full.keys()
     for name, qw in replayed.items():
         assert torch.equal(qw.codes, full[name].codes), name
