@@ -98,7 +98,7 @@ def _rounding_error(w, scale, zero, maxq: int) -> torch.Tensor:
     GPTQ's reference search uses the power 2.4; |e|^2.5 = e^2 sqrt|e| needs no pow, which
     cost three quarters of the search. On SmolLM2's groups (w3/w4 g64) it picks the same
     shrink for 85-90% of them, and its choices' |e|^2.4 error is on average 0.04-0.08%
-    above the 2.4 choices' (an ad-hoc replay of bench/mse_search.py's curves)."""
+    above the 2.4 choices' (bench/results/mse-search-cpu.txt)."""
     s, z = scale[:, None], zero[:, None]
     e = torch.div(w, s).round_().add_(z).clamp_(0, maxq).sub_(z).mul_(s).sub_(w).abs_()
     root = e.sqrt()
