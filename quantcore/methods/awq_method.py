@@ -148,7 +148,8 @@ class _Recorder:
                 return
             if isinstance(out, torch.Tensor):
                 self.first_outputs.append((name, out))
-            if name in self.calls:
+            if name in self.calls and name not in self.held_outputs:
+                # Its first call's (a module called twice in a block keeps the first).
                 self.held_outputs[name] = _first(out)[:1].detach().clone()
 
         return hook
