@@ -35,7 +35,7 @@ def curves(
     weights: dict[str, torch.Tensor], bits: int, gs: int, sym: bool, rows: int, power: float
 ) -> torch.Tensor:
     """[groups, 65] sum |error|^power of each sampled group at shrinks i = 0..64."""
-    from quantcore.methods.rtn import range_params
+    from quantcore.methods.rtn import range_params, round_trip
 
     out = []
     gen = torch.Generator().manual_seed(0)
@@ -47,8 +47,7 @@ def curves(
         errs = []
         for i in range(65):
             scale, zero = range_params(lo * (1 - i / 80), hi * (1 - i / 80), bits, sym, w.dtype)
-            s, z = scale[:, None], zero[:, None]
-            e = torch.div(w, s).round_().add_(z).clamp_(0, maxq).sub_(z).mul_(s).sub_(w)
+            e = round_trip(w, scale[:, None], zero[:, None], maxq).sub_(w)
             errs.append(e.abs_().pow_(power).sum(dim=1))
         out.append(torch.stack(errs, dim=1))
     return torch.cat(out)

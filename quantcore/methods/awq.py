@@ -17,7 +17,7 @@ from dataclasses import dataclass
 import torch
 
 from quantcore.methods.base import QuantScheme
-from quantcore.methods.rtn import group_params, quantize_rtn
+from quantcore.methods.rtn import group_params, quantize_rtn, round_trip
 
 
 def accumulate_abs_mean(
@@ -60,10 +60,7 @@ def fake_quantize_(
         qw = quantize_rtn(w, scheme.bits, scheme.group_size, scheme.symmetric, scale_dtype)
         return w.copy_(qw.dequantize(torch.float32))
     rows = w.view(out_f * (in_f // gs), gs)
-    scale, zero = group_params(rows, scheme.bits, scheme.symmetric, scale_dtype or w.dtype)
-    scale, zero = scale[:, None], zero[:, None]
-    maxq = (1 << scheme.bits) - 1
-    rows.div_(scale).round_().add_(zero).clamp_(0, maxq).sub_(zero).mul_(scale)
+    _round_trip(rows, scheme.bits, scheme.symmetric, scale_dtype or w.dtype)
     return w
 
 
@@ -114,7 +111,7 @@ def search_scales(
         s = awq_scales(x_mean, alphas[i]).to(weights[0].device)
         candidates = []
         for w, scheme, buf in zip(weights, schemes, buffers, strict=True):
-            if scheme is None or buf is None:
+            if buf is None:
                 candidates.append(w.float())
             else:
                 torch.mul(w, s, out=buf)
@@ -166,11 +163,9 @@ def _group_slices(in_features: int, group_size: int) -> list[slice]:
 
 
 def _round_trip(w: torch.Tensor, bits: int, symmetric: bool, scale_dtype) -> torch.Tensor:
-    """RTN of each row of `w` as one group, dequantized (the arithmetic of quantize_rtn)."""
-    maxq = (1 << bits) - 1
+    """RTN of each row of fp32 `w` as one group, dequantized in place (returns `w`)."""
     scale, zero = group_params(w, bits, symmetric, scale_dtype)
-    codes = (torch.round(w / scale[:, None]) + zero[:, None]).clamp(0, maxq)
-    return (codes - zero[:, None]) * scale[:, None]
+    return round_trip(w, scale[:, None], zero[:, None], (1 << bits) - 1, out=w)
 
 
 def clip_ranges(

@@ -204,10 +204,15 @@ def _take_sequences(obj, batch: int, n: int):
     return obj
 
 
+def _call_input(call: tuple[tuple, dict]):
+    """A module call's input: its first argument, or `hidden_states`."""
+    args, kwargs = call
+    return args[0] if args else kwargs.get("hidden_states")
+
+
 def _batch(call: tuple[tuple, dict]) -> int | None:
     """The batch size of a module call: its input's first dimension."""
-    args, kwargs = call
-    x = args[0] if args else kwargs.get("hidden_states")
+    x = _call_input(call)
     return x.shape[0] if isinstance(x, torch.Tensor) and x.dim() else None
 
 
@@ -219,8 +224,8 @@ def search_calls(calls: list[tuple[tuple, dict]], tokens: int | None) -> list[tu
     if tokens is None or not calls:
         return calls
     sizes = []
-    for args, kwargs in calls:
-        x = args[0] if args else kwargs.get("hidden_states")
+    for call in calls:
+        x = _call_input(call)
         if not isinstance(x, torch.Tensor) or x.dim() < 3:
             return calls  # not the layout this knows how to cut
         sizes.append((x.shape[0], x.shape[1]))

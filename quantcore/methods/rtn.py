@@ -39,6 +39,20 @@ def range_params(
     return scale, zero
 
 
+def round_trip(
+    w: torch.Tensor,
+    scale: torch.Tensor,
+    zero: torch.Tensor,
+    maxq: int,
+    out: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """RTN then dequantize: (clamp(round(w / scale) + zero, 0, maxq) - zero) * scale, with
+    `scale`/`zero` broadcast against `w`. Written to `out` (which may be `w` itself) or a new
+    tensor; no other temporary."""
+    q = torch.div(w, scale) if out is None else torch.div(w, scale, out=out)
+    return q.round_().add_(zero).clamp_(0, maxq).sub_(zero).mul_(scale)
+
+
 def quantize_rtn(
     weight: torch.Tensor,
     bits: int,
