@@ -86,7 +86,7 @@ def main() -> None:
     schemes = {"w4g64a": (4, 64, False), "w4g64s": (4, 64, True), "w3g64a": (3, 64, False)}
     schemes["w8pcs"] = (8, -1, True)
     method, scheme = config.split("-", 1)
-    method = {"gptqplain": "gptq"}.get(method, method)  # their GPTQ has one form
+    method = "gptq" if method.startswith("gptq") else method  # their GPTQ has one form
     if not torch.cuda.is_available():
         # llm-compressor 0.14's AWQ pins its cached activations for GPU copies, which raises
         # "Cannot access accelerator device" on a machine without one. Pinning only speeds

@@ -37,8 +37,12 @@ SCHEMES = {
 METHODS = {
     "rtn": ("rtn", {}),
     "gptq": ("gptq", {}),
-    "gptqplain": ("gptq", {"awq_scales": False, "mse": False}),
+    "gptqplain": ("gptq", {"awq_scales": False, "mse": False, "refit": False}),
     "awq": ("awq", {}),
+    # Variants of the default: without the scale refit; with error propagation (GPTAQ/QEP).
+    "gptqnorefit": ("gptq", {"refit": False}),
+    "gptqp25": ("gptq", {"propagate": 0.25}),
+    "gptqp50": ("gptq", {"propagate": 0.5}),
 }
 DEFAULT = [f"{m}-{s}" for s in SCHEMES for m in ("rtn", "gptq", "awq")]
 
@@ -165,7 +169,8 @@ def main() -> None:
         f"SmolLM2-135M-Instruct, calibration {a.samples}x{a.seq_len} tokens, "
         f"evaluation {a.windows}x{a.seq_len} held-out tokens; GPTQ with act-order "
         "(static groups), block 128, damp 0.01 (gptq: with AWQ scales, grid 20, and MSE range "
-        "search; gptqplain: neither); AWQ grid 20 with clipping"
+        "search, scales re-fitted on H; gptqplain: none of these); AWQ grid 20 with clipping "
+        "and re-fitted scales"
     )
     head = (
         f"{'config':<14}{'ppl base':>10}{'ppl quant':>11}{'change':>9}{'KL':>9}"

@@ -123,7 +123,22 @@ class GPTQOptions(BaseModel):
         "weights. False: plain GPTQ (faster, usually less accurate).",
     )
     awq_grid: int = Field(default=20, ge=2, le=100, description="AWQ scale exponents tried.")
-    awq_tokens: SearchTokens = 2048
+    # GPTQ corrects what the scales leave: 512 tokens do as well as 2048 there
+    # (bench/results/gptq-variants-cpu-2core.txt), and AWQ alone keeps 2048.
+    awq_tokens: SearchTokens = 512
+    refit: bool = Field(
+        default=True,
+        description="After GPTQ chose the codes, re-fit each row's group scales to them by "
+        "least squares on the input Hessian (GPTQ's own objective; cheap).",
+    )
+    propagate: float = Field(
+        default=0.0,
+        ge=0,
+        le=1,
+        description="Correct each Linear toward what the float model computes from its own "
+        "inputs (GPTAQ/QEP), this fraction of the full least-squares step; 0: off. Runs the "
+        "float model alongside: about 1.5x the time and more memory.",
+    )
 
 
 class AWQOptions(BaseModel):
@@ -140,6 +155,11 @@ class AWQOptions(BaseModel):
     clip: bool = Field(default=True, description="Search a clipped range per group.")
     clip_grid: int = Field(default=20, ge=1, le=100)
     max_shrink: float = Field(default=0.5, gt=0, lt=1, description="Most a range may shrink.")
+    refit: bool = Field(
+        default=True,
+        description="After rounding, re-fit each row's group scales to its codes by least "
+        "squares on the scaled inputs' Hessian.",
+    )
 
 
 def _compiles(pattern: str) -> str:

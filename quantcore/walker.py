@@ -268,6 +268,9 @@ def walk(
         batches = _capture_lazy(lazy, blocks, samples, batch_size, device)
     else:
         batches = capture_block_inputs(module, blocks, samples, batch_size, device)
+    # The float model's own block inputs, for a method that wants them (it corrects for what
+    # the layers already quantized changed): the same tensors until a block has run.
+    floats = [x.hidden for x in batches] if getattr(method, "wants_float_inputs", False) else None
     kept: dict[str, QuantizedWeight] = {}
     replaced: dict[str, torch.Tensor] = {}
     start = checkpoint.layers_done if checkpoint is not None else 0
@@ -277,8 +280,13 @@ def walk(
             replaced.update(changed)
             if lazy is None:
                 install(module, quantized, changed)
-        for x, h in zip(batches, checkpoint.load_inputs(), strict=True):
-            x.hidden = h.to(device)
+        saved = [h.to(device) for h in checkpoint.load_inputs()]
+        if len(saved) != len(batches) * (2 if floats is not None else 1):
+            raise RuntimeError("the checkpoint's saved inputs do not match this walk")
+        for x, h in zip(batches, saved, strict=False):
+            x.hidden = h
+        if floats is not None:
+            floats = saved[len(batches) :]
     for i in range(start, n):
         block = blocks[i]
         name = f"{prefix}.{i}"
@@ -290,7 +298,9 @@ def walk(
         else:
             block.to(device)
         before = _unquantized_tensors(block, name, schemes)
-        quantized, err = _quantize_block(block, name, i + 1, n, batches, method, schemes, on_module)
+        quantized, err, floats = _quantize_block(
+            block, name, i + 1, n, batches, method, schemes, on_module, floats
+        )
         quantized = {f"{name}.{k}": qw.to("cpu") for k, qw in quantized.items()}
         changed = _changed(block, name, before, lazy)
         replaced.update(changed)
@@ -299,7 +309,9 @@ def walk(
         else:
             block.to("cpu")
         if checkpoint is not None:
-            checkpoint.save_layer(i, quantized, changed, [x.hidden for x in batches])
+            checkpoint.save_layer(
+                i, quantized, changed, [x.hidden for x in batches] + (floats or [])
+            )
         else:
             kept.update(quantized)
         del quantized, before
@@ -361,10 +373,12 @@ def _quantize_block(
     method: LayerMethod,
     schemes: SchemeMap,
     on_module: Callable[[ModuleEvent], None] | None,
-) -> tuple[dict[str, QuantizedWeight], float | None]:
+    floats: list[torch.Tensor] | None = None,
+) -> tuple[dict[str, QuantizedWeight], float | None, list[torch.Tensor] | None]:
     """Quantize one block on its device; replace `batches` by the quantized block's outputs.
-    Returns the quantized weights (by name inside the block) and the block's output error
-    (None without batches: a data-free method)."""
+    Returns the quantized weights (by name inside the block), the block's output error
+    (None without batches: a data-free method) and, given the float model's block inputs
+    `floats`, its outputs (the float model's next block inputs)."""
     modules = {}
     for sub, lin in linear_modules(block).items():
         scheme = schemes.scheme_for(f"{name}.{sub}")
@@ -398,9 +412,19 @@ def _quantize_block(
             on_module(ModuleEvent(layer, num_layers, f"{name}.{sub}", err, now - t_mod))
         t_mod = now
 
-    quantized = method.quantize_block(block, modules, forward, module_done)
+    extra = {}
+    float_out = None
+    if floats is not None:
+        # Until a block has run the two streams are one: the float pass below would repeat
+        # the method's first pass, and the method has nothing to correct.
+        same = all(f is x.hidden for f, x in zip(floats, batches, strict=True))
+        float_inputs = None
+        if not same:
+            float_inputs, float_out = _float_pass(block, modules, batches, floats)
+        extra["float_inputs"] = float_inputs
+    quantized = method.quantize_block(block, modules, forward, module_done, **extra)
     if not batches:
-        return quantized, None
+        return quantized, None, None
     reference = state["reference"]
     if reference is None:
         raise RuntimeError(
@@ -415,4 +439,33 @@ def _quantize_block(
     norm = sum(float(r.float().pow(2).sum()) for r in reference)
     for x, o in zip(batches, outputs, strict=True):
         x.hidden = o
-    return quantized, diff / max(norm, 1e-30)
+    if floats is not None and float_out is None:
+        float_out = reference
+    return quantized, diff / max(norm, 1e-30), float_out
+
+
+def _float_pass(
+    block: nn.Module,
+    modules: dict[str, tuple[nn.Linear, object]],
+    batches: list[_Batch],
+    floats: list[torch.Tensor],
+) -> tuple[dict[str, list[torch.Tensor]], list[torch.Tensor]]:
+    """Run the still-float block on the float model's own inputs: each quantized Linear's
+    input on every call (Linears that read one tensor share it) and the block's outputs."""
+    seen: dict[str, list[torch.Tensor]] = {name: [] for name in modules}
+
+    def record(name: str):
+        def hook(_mod, args):
+            seen[name].append(args[0].detach())
+
+        return hook
+
+    handles = [lin.register_forward_pre_hook(record(n)) for n, (lin, _) in modules.items()]
+    try:
+        outs = _run_batches(
+            block, [_Batch(f, x.kwargs) for f, x in zip(floats, batches, strict=True)], (), None
+        )
+    finally:
+        for h in handles:
+            h.remove()
+    return seen, outs

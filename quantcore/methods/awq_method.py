@@ -25,7 +25,10 @@ One block at a time, in four steps:
    that change them are undone.
 4. Clipping and rounding. Each Linear's group ranges are clipped where that lowers the output
    error on a subsample of its (scaled) inputs, then it is rounded with RTN from the clipped
-   ranges and installed.
+   ranges; with `refit`, each row's group scales are then re-fitted to its codes by least
+   squares on the Hessian of all its recorded (scaled) inputs (gptq.refit_scales), and it is
+   installed. On SmolLM2 w4 g64 asym (bench/results/quality-cpu-2core.txt) the refit took
+   AWQ from +14.70% to +13.00% perplexity, KL 0.1345 to 0.1189.
 
 All statistics come from the float block (not true-sequential): AWQ's choices are local to a
 group and the cost stays at one pass plus the grid of module re-runs.
@@ -41,6 +44,7 @@ from torch import nn
 
 from quantcore.methods.awq import accumulate_abs_mean, clip_ranges, clip_weight, search_scales
 from quantcore.methods.base import ModuleDone, QuantScheme, install_quantized, relative_error
+from quantcore.methods.gptq import accumulate_hessian, refit_scales
 from quantcore.methods.rtn import quantize_rtn
 from quantcore.models.loading import linear_modules
 from quantcore.qtensor import QuantizedWeight
@@ -303,8 +307,13 @@ class AWQ:
         clip_tokens: int = 512,
         search_tokens: int | None = 2048,
         search_stride: int = 5,
+        refit: bool = True,
     ):
         self.grid = grid
+        # After rounding, each row's group scales are re-fitted to its codes by least squares
+        # on the inputs' Hessian (gptq.refit_scales): the clip search picks one shrink per
+        # group on its own, the refit weighs all of a row's groups together.
+        self.refit = refit
         self.search_tokens = search_tokens
         # Every 5th exponent, then halving steps around the best (awq.strided_argmin): on
         # SmolLM2's 90 searches (bench/results/awq-search-cpu-2core.txt) 9 tries instead of
@@ -331,8 +340,10 @@ class AWQ:
         # Step 4: clip and round. Inputs are those of the scaled block: X / s.
         out: dict[str, QuantizedWeight] = {}
         member_scale = {n: s for g, s in zip(groups, scales, strict=True) for n in g.members}
+        hessians: dict[int, tuple] = {}  # first recorded input -> (it, its Hessian)
         for name, (lin, scheme) in modules.items():
             w = lin.weight.data.float()
+            target = w
             if self.clip:
                 x = _subsample(rec.inputs[name], self.clip_tokens)
                 s = member_scale.get(name)
@@ -343,10 +354,31 @@ class AWQ:
                 )
                 w = clip_weight(w, bounds, scheme.group_size)
             qw = quantize_rtn(w, scheme.bits, scheme.group_size, scheme.symmetric, lin.weight.dtype)
+            if self.refit:
+                h = self._hessian(rec, name, member_scale.get(name), hessians)
+                qw = refit_scales(target, h, qw, damp=0.01)
             err = install_quantized(lin, qw)
             out[name] = qw
             on_module(name, qw, err)
         return out
+
+    @staticmethod
+    def _hessian(
+        rec: _Recorder, name: str, s: torch.Tensor | None, cache: dict[int, tuple]
+    ) -> torch.Tensor:
+        """2/n sum x x^T of the Linear's recorded inputs, as the scaled block sees them (X / s);
+        Linears that read one input share it."""
+        first = rec.inputs[name][0]
+        if id(first) in cache:
+            return cache[id(first)][1]
+        h, n = torch.zeros(first.shape[-1], first.shape[-1], device=first.device), 0
+        for x in rec.inputs[name]:
+            h, n = accumulate_hessian(h, n, x)
+        if s is not None:
+            s = s.to(h.device, torch.float32)
+            h.div_(s[:, None]).div_(s[None, :])
+        cache[id(first)] = (first, h)
+        return h
 
     @torch.no_grad()
     def scale_block(

@@ -4,7 +4,7 @@ input (Frantar et al., 2022), with lazy block updates."""
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
 
@@ -21,6 +21,7 @@ class GPTQConfig:
     damp: float = 0.01  # fraction of the mean Hessian diagonal added to the diagonal
     act_order: bool = False  # quantize columns by descending Hessian diagonal
     mse: bool = False  # search a shrunken range per group instead of min/max
+    refit: bool = False  # re-fit each row's group scales to its codes by least squares on H
 
 
 def accumulate_hessian(h: torch.Tensor, n: int, x: torch.Tensor) -> tuple[torch.Tensor, int]:
@@ -30,6 +31,36 @@ def accumulate_hessian(h: torch.Tensor, n: int, x: torch.Tensor) -> tuple[torch.
     # One fused update: no scaled copy of x, no [in, in] temporary.
     h.addmm_(x.t(), x, beta=n / (n + b), alpha=2 / (n + b))
     return h, n + b
+
+
+def accumulate_cross(c: torch.Tensor, n: int, dx: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+    """Fold a batch into the running mean C = 2/n sum dx x^T, normalised as
+    `accumulate_hessian`'s H (call it with H's count before that batch)."""
+    dx = dx.reshape(-1, dx.shape[-1]).float()
+    x = x.reshape(-1, x.shape[-1]).float()
+    b = x.shape[0]
+    return c.addmm_(dx.t(), x, beta=n / (n + b), alpha=2 / (n + b))
+
+
+def propagation_target(
+    weight: torch.Tensor, hessian: torch.Tensor, cross: torch.Tensor, alpha: float, damp: float
+) -> torch.Tensor:
+    """The weight GPTQ should approach when its inputs X~ (what the quantized model feeds the
+    Linear) differ from the float model's X: argmin_V ||W X - V X~||^2 = W + W C H^-1, with
+    H = X~ X~^T and C = (X - X~) X~^T (Li et al. 2025, GPTAQ; Arai and Ichikawa 2025, QEP).
+    `alpha` in [0, 1] takes part of that step: the full one fits the calibration tokens'
+    errors, and what generalises is the systematic part. H is damped as GPTQ damps it."""
+    h = hessian.float().clone()
+    dead = torch.diag(h) == 0
+    h[dead, dead] = 1
+    h.diagonal().add_(damp * float(torch.mean(torch.diag(h))))
+    lower, info = torch.linalg.cholesky_ex(h)
+    if int(info):
+        return weight  # no correction rather than a wrong one; GPTQ damps harder itself
+    del h
+    w = weight.float()
+    step = torch.cholesky_solve((w @ cross).t(), lower).t()  # W C H^-1 (H symmetric)
+    return step.mul_(alpha).add_(w)
 
 
 def inverse_hessian_cholesky(h: torch.Tensor, damp: float) -> tuple[torch.Tensor, float]:
@@ -250,4 +281,55 @@ def gptq_quantize(
         group_size=gs,
         symmetric=cfg.symmetric,
     )
+    if cfg.refit:
+        qw = refit_scales(weight, hessian, qw, cfg.damp)
     return qw, float(losses.sum())
+
+
+def _group_sum(x: torch.Tensor, gs: int, n_groups: int) -> torch.Tensor:
+    """Sums of the contiguous groups of `gs` columns of x [rows, in] (the last may be
+    partial): [rows, n_groups]."""
+    pad = n_groups * gs - x.shape[1]
+    if pad:
+        x = torch.nn.functional.pad(x, (0, pad))
+    return x.reshape(x.shape[0], n_groups, gs).sum(dim=2)
+
+
+@torch.no_grad()
+def refit_scales(
+    weight: torch.Tensor, hessian: torch.Tensor, qw: QuantizedWeight, damp: float
+) -> QuantizedWeight:
+    """The group scales that, with `qw`'s codes and zero points kept, minimise GPTQ's own
+    objective (w - q)^T H (w - q) for each row: q is linear in the row's scales, so they solve
+    a small least-squares system [n_groups, n_groups] per row. GPTQ chose its codes with
+    scales fitted to the weights alone (min/max or the MSE search); this makes them fit the
+    inputs too. A row keeps its scales unless the new ones are all positive and lower its
+    loss once rounded to the scale dtype."""
+    out_f, in_f = qw.codes.shape
+    gs, n_groups = qw.group_size, qw.scales.shape[1]
+    if qw.g_idx is not None:
+        raise ValueError("refit_scales needs contiguous groups (no g_idx)")
+    w = weight.float()
+    h = hessian.float().clone()
+    dead = torch.diag(h) == 0
+    h[dead, dead] = 1
+    h.diagonal().add_(damp * float(torch.mean(torch.diag(h))))
+    group = torch.arange(in_f, device=w.device) // gs
+    d = qw.codes.float().sub_(qw.zeros.float()[:, group])  # q = d * scale (per group)
+    rhs = _group_sum(d * (w @ h), gs, n_groups)  # [out, G]
+    gram = torch.empty(out_f, n_groups, n_groups, device=w.device)
+    for g in range(n_groups):
+        cols = slice(g * gs, min((g + 1) * gs, in_f))
+        gram[:, g] = _group_sum((d[:, cols] @ h[cols]).mul_(d), gs, n_groups)
+    del d
+    ridge = 1e-6 * gram.diagonal(dim1=1, dim2=2).mean(dim=1).clamp_min(1e-30)
+    gram.diagonal(dim1=1, dim2=2).add_(ridge[:, None])
+    new = torch.linalg.solve(gram, rhs).to(qw.scales.dtype)
+
+    def loss(s: torch.Tensor) -> torch.Tensor:  # up to the row's constant w^T H w
+        s = s.float()
+        return torch.einsum("og,ogk,ok->o", s, gram, s) - 2 * (s * rhs).sum(dim=1)
+
+    better = (new > 0).all(dim=1) & (loss(new) < loss(qw.scales))
+    scales = torch.where(better[:, None], new, qw.scales)
+    return replace(qw, scales=scales)

@@ -443,10 +443,24 @@ def test_awq_beats_rtn_through_the_walker(tiny_model_dir, tokenizer):
         reference = _fresh(tiny_model_dir)(input_ids=held_out).logits
 
     errors, results, events = {}, {}, {}
-    for name, method in (("rtn", RTN()), ("awq", AWQ()), ("awq-noclip", AWQ(clip=False))):
+    layers: dict[str, list] = {}
+    methods = (
+        ("rtn", RTN()),
+        ("awq", AWQ()),
+        ("awq-norefit", AWQ(refit=False)),
+        ("awq-noclip", AWQ(clip=False, refit=False)),
+    )
+    for name, method in methods:
         model = _fresh(tiny_model_dir)
-        events[name] = []
-        q = quantize_model(model, samples, method, SchemeMap(W3G32), on_module=events[name].append)
+        events[name], layers[name] = [], []
+        q = quantize_model(
+            model,
+            samples,
+            method,
+            SchemeMap(W3G32),
+            on_module=events[name].append,
+            on_layer=layers[name].append,
+        )
         assert len(q) == 14 and len(events[name]) == 14
         weights = dict(model.named_parameters())
         for module, qw in q.items():
@@ -458,11 +472,22 @@ def test_awq_beats_rtn_through_the_walker(tiny_model_dir, tokenizer):
     assert all(0 < e.error < 0.2 for e in events["awq"])
     assert errors["awq"] < 0.9 * errors["rtn"]
 
-    # Layer 1 sees the same float block in both AWQ runs, so the scaled weights match and
+    # Layer 1 sees the same float block in every AWQ run, so the scaled weights match and
     # clipping can only narrow the ranges the stored scales come from.
     layer0 = [k for k in results["awq"] if k.startswith("model.layers.0.")]
     assert len(layer0) == 7
-    clipped = [results["awq"][k].scales for k in layer0]
+    clipped = [results["awq-norefit"][k].scales for k in layer0]
     unclipped = [results["awq-noclip"][k].scales for k in layer0]
     assert all(bool((a <= b * (1 + 1e-6)).all()) for a, b in zip(clipped, unclipped, strict=True))
     assert sum(int((a < b * (1 - 1e-3)).sum()) for a, b in zip(clipped, unclipped, strict=True))
+
+    # The refit keeps the codes and moves scales so that layer 1's outputs on the calibration
+    # inputs come closer to the float block's.
+    for k in layer0:
+        assert torch.equal(results["awq"][k].codes, results["awq-norefit"][k].codes), k
+    moved = [
+        not torch.equal(results["awq"][k].scales, results["awq-norefit"][k].scales) for k in layer0
+    ]
+    assert all(moved)
+    assert layers["awq"][0].output_error < 0.95 * layers["awq-norefit"][0].output_error
+    assert errors["awq"] < errors["awq-norefit"]

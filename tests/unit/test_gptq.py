@@ -10,6 +10,8 @@ from quantcore.methods.gptq import (
     accumulate_hessian,
     gptq_quantize,
     inverse_hessian_cholesky,
+    propagation_target,
+    refit_scales,
 )
 from quantcore.methods.rtn import group_params, quantize_rtn
 
@@ -152,3 +154,71 @@ def test_linears_sharing_a_hessian_are_quantized_as_one_weight(act_order, mse):
         torch.testing.assert_close(qw.scales, alone.scales, rtol=1e-4, atol=0)
         assert (qw.zeros == alone.zeros).float().mean() > 0.99
         assert qw.codes.untyped_storage().nbytes() == qw.codes.numel()
+
+
+def _plain_refit(w, h, qw, damp):
+    """Each row's least-squares scales written out: q = A s with A's column g holding the
+    row's (code - zero) on group g's columns, minimising (w - A s)^T H (w - A s), float64."""
+    h = h.double() + damp * torch.diag(h).double().mean() * torch.eye(
+        h.shape[0], dtype=torch.double
+    )
+    out_f, in_f = w.shape
+    n_groups = qw.scales.shape[1]
+    out = torch.empty(out_f, n_groups, dtype=torch.double)
+    for r in range(out_f):
+        a = torch.zeros(in_f, n_groups, dtype=torch.double)
+        for c in range(in_f):
+            g = c // qw.group_size
+            a[c, g] = float(qw.codes[r, c]) - float(qw.zeros[r, g])
+        out[r] = torch.linalg.solve(a.t() @ h @ a, a.t() @ h @ w[r].double())
+    return out
+
+
+def _h_loss(w, deq, h):
+    e = (w - deq).double()
+    return ((e @ h.double()) * e).sum(dim=1)
+
+
+@pytest.mark.parametrize(("gs", "in_f", "sym"), [(32, 96, False), (64, 200, False), (48, 96, True)])
+def test_refit_scales_solves_each_rows_least_squares(gs, in_f, sym):
+    w, h, _ = _problem(out_f=12, in_f=in_f)
+    cfg = GPTQConfig(4, gs, sym, act_order=True, mse=True)
+    qw, _ = gptq_quantize(w, h, cfg)
+    refit = refit_scales(w, h, qw, cfg.damp)
+    assert torch.equal(refit.codes, qw.codes) and torch.equal(refit.zeros, qw.zeros)
+    before = _h_loss(w, qw.dequantize(torch.float32), h)
+    after = _h_loss(w, refit.dequantize(torch.float32), h)
+    assert bool((after <= before + 1e-9 * before.abs()).all())
+    assert float(after.sum()) < 0.99 * float(before.sum())  # GPTQ's scales were not optimal
+    changed = ~(refit.scales == qw.scales).all(dim=1)
+    assert bool(changed.any())
+    expected = _plain_refit(w, h, qw, cfg.damp)
+    torch.testing.assert_close(
+        refit.scales[changed].double(), expected[changed], rtol=1e-3, atol=1e-6
+    )
+
+
+def test_refit_is_part_of_gptq_when_asked():
+    w, h, _ = _problem(out_f=12, in_f=96)
+    plain, _ = gptq_quantize(w, h, GPTQConfig(4, 32, False))
+    refit, _ = gptq_quantize(w, h, GPTQConfig(4, 32, False, refit=True))
+    assert torch.equal(refit.codes, plain.codes)
+    assert (
+        _h_loss(w, refit.dequantize(torch.float32), h).sum()
+        < _h_loss(w, plain.dequantize(torch.float32), h).sum()
+    )
+
+
+def test_propagation_target_fits_the_float_models_outputs():
+    # X~ = X + noise: the quantized model's inputs. alpha = 1 gives argmin ||W X - V X~||.
+    w, _, x = _problem(out_f=8, in_f=48, tokens=600)
+    g = torch.Generator().manual_seed(3)
+    xq = x + 0.1 * x.std() * torch.randn(x.shape, generator=g)
+    h, _ = accumulate_hessian(torch.zeros(48, 48), 0, xq)
+    c = 2 / xq.shape[0] * (x - xq).t() @ xq
+    v = propagation_target(w, h, c, alpha=1.0, damp=1e-9)
+    expected = torch.linalg.lstsq(xq.double(), (x @ w.t()).double()).solution.t()
+    torch.testing.assert_close(v.double(), expected, rtol=1e-3, atol=1e-3)
+    half = propagation_target(w, h, c, alpha=0.5, damp=1e-9)
+    torch.testing.assert_close(half, (w + v) / 2, rtol=1e-4, atol=1e-4)
+    assert torch.equal(w, _problem(out_f=8, in_f=48, tokens=600)[0])  # w itself untouched

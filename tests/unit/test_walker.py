@@ -191,7 +191,8 @@ def test_gptq_is_true_sequential_and_beats_rtn(tiny_model_dir, tokenizer):
     assert gptq_first.output_error == pytest.approx(expected, rel=1e-3)
 
 
-def test_killed_run_resumes_bit_identical(tiny_model_dir, tokenizer, tmp_path):
+@pytest.mark.parametrize("propagate", [0.0, 0.5])
+def test_killed_run_resumes_bit_identical(tiny_model_dir, tokenizer, tmp_path, propagate):
     from quantcore.checkpoint import LayerCheckpoint
     from quantcore.methods.gptq_method import GPTQ
 
@@ -201,9 +202,12 @@ def test_killed_run_resumes_bit_identical(tiny_model_dir, tokenizer, tmp_path):
     def fresh():
         return AutoModelForCausalLM.from_pretrained(tiny_model_dir).eval()
 
-    # GPTQ with its AWQ scales: the folded norms must come back on resume too.
+    # GPTQ with its AWQ scales: the folded norms must come back on resume too. With
+    # `propagate`, the float model's block inputs are part of what a resume restores.
     straight_model = fresh()
-    straight = quantize_model(straight_model, samples, GPTQ(awq_grid=5), schemes)
+    straight = quantize_model(
+        straight_model, samples, GPTQ(awq_grid=5, propagate=propagate), schemes
+    )
 
     # First run: stopped after layer 1 (a cancel here; a kill leaves the same files).
     layers: list = []
@@ -211,7 +215,7 @@ def test_killed_run_resumes_bit_identical(tiny_model_dir, tokenizer, tmp_path):
         quantize_model(
             fresh(),
             samples,
-            GPTQ(awq_grid=5),
+            GPTQ(awq_grid=5, propagate=propagate),
             schemes,
             on_layer=layers.append,
             should_cancel=lambda: len(layers) >= 1,
@@ -225,7 +229,7 @@ def test_killed_run_resumes_bit_identical(tiny_model_dir, tokenizer, tmp_path):
     resumed = quantize_model(
         model,
         samples,
-        GPTQ(awq_grid=5),
+        GPTQ(awq_grid=5, propagate=propagate),
         schemes,
         on_layer=resumed_layers.append,
         checkpoint=LayerCheckpoint(tmp_path / "ck", "key-a"),
@@ -451,3 +455,54 @@ def test_later_passes_replay_what_cannot_have_changed(tiny_model_dir, tokenizer,
         assert torch.equal(qw.codes, full[name].codes), name
         assert torch.equal(qw.scales, full[name].scales), name
     assert torch.equal(logits, logits_full)
+
+
+def test_a_propagating_method_gets_the_float_models_own_inputs(tiny_model_dir, tokenizer):
+    """With `propagate`, block 2's Linears get, besides the quantized model's inputs, the
+    inputs the float model gives them; block 1 gets none (both models feed it alike), and
+    the correction changes the result."""
+    from quantcore.methods.gptq_method import GPTQ
+
+    samples = calibration_samples(tokenizer, "wiki-excerpt", 3, 64, seed=0)
+    schemes = SchemeMap(QuantScheme(3, 32, False))
+    base = AutoModelForCausalLM.from_pretrained(tiny_model_dir).eval()
+    expected: dict[str, list[torch.Tensor]] = {"self_attn.o_proj": [], "mlp.down_proj": []}
+    layer = base.model.layers[1]
+    hooks = [
+        layer.get_submodule(n).register_forward_pre_hook(
+            lambda _m, a, n=n: expected[n].append(a[0].detach().clone())
+        )
+        for n in expected
+    ]
+    with torch.no_grad():
+        for i in range(samples.shape[0]):
+            base(input_ids=samples[i : i + 1], use_cache=False)
+    for h in hooks:
+        h.remove()
+
+    class Seeing(GPTQ):
+        seen: list = []
+
+        def quantize_block(self, block, modules, forward, on_module, float_inputs=None):
+            self.seen.append(float_inputs)
+            return super().quantize_block(block, modules, forward, on_module, float_inputs)
+
+    m = AutoModelForCausalLM.from_pretrained(tiny_model_dir).eval()
+    with_prop = quantize_model(m, samples, Seeing(awq_scales=False, propagate=0.5), schemes)
+    first, second = Seeing.seen
+    assert first is None
+    for name, calls in expected.items():
+        assert len(second[name]) == len(calls) == 3
+        for got, want in zip(second[name], calls, strict=True):
+            torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+    plain = quantize_model(
+        AutoModelForCausalLM.from_pretrained(tiny_model_dir).eval(),
+        samples,
+        GPTQ(awq_scales=False),
+        schemes,
+    )
+    name = "model.layers.1.mlp.down_proj"
+    assert torch.equal(
+        with_prop["model.layers.0.mlp.down_proj"].codes, plain["model.layers.0.mlp.down_proj"].codes
+    )
+    assert not torch.equal(with_prop[name].codes, plain[name].codes)
