@@ -44,7 +44,7 @@ from torch import nn
 
 from quantcore.methods.awq import accumulate_abs_mean, clip_ranges, clip_weight, search_scales
 from quantcore.methods.base import ModuleDone, QuantScheme, install_quantized, relative_error
-from quantcore.methods.gptq import accumulate_hessian, refit_scales
+from quantcore.methods.gptq import accumulate_hessian, divide_by_scales_, refit_scales
 from quantcore.methods.rtn import quantize_rtn
 from quantcore.models.loading import linear_modules
 from quantcore.qtensor import QuantizedWeight
@@ -178,6 +178,15 @@ class _Recorder:
 
     def x_mean(self, name: str) -> torch.Tensor:
         return self.abs_sum[name] / self.count[name]
+
+
+def _scaled_hessian(inputs: list[torch.Tensor], s: torch.Tensor | None) -> torch.Tensor:
+    """2/n sum x x^T of recorded inputs, as the scaled block sees them (X / s)."""
+    width = inputs[0].shape[-1]
+    h, n = torch.zeros(width, width, device=inputs[0].device), 0
+    for x in inputs:
+        h, n = accumulate_hessian(h, n, x)
+    return h if s is None else divide_by_scales_(h, s)
 
 
 def _subsample(tensors: list[torch.Tensor], n: int) -> torch.Tensor:
@@ -340,7 +349,8 @@ class AWQ:
         # Step 4: clip and round. Inputs are those of the scaled block: X / s.
         out: dict[str, QuantizedWeight] = {}
         member_scale = {n: s for g, s in zip(groups, scales, strict=True) for n in g.members}
-        hessians: dict[int, tuple] = {}  # first recorded input -> (it, its Hessian)
+        member_group = {n: g.members for g in groups for n in g.members}
+        hessians: dict[tuple[str, ...], torch.Tensor] = {}  # one per group (one input)
         for name, (lin, scheme) in modules.items():
             w = lin.weight.data.float()
             target = w
@@ -355,30 +365,14 @@ class AWQ:
                 w = clip_weight(w, bounds, scheme.group_size)
             qw = quantize_rtn(w, scheme.bits, scheme.group_size, scheme.symmetric, lin.weight.dtype)
             if self.refit:
-                h = self._hessian(rec, name, member_scale.get(name), hessians)
-                qw = refit_scales(target, h, qw, damp=0.01)
+                group = member_group.get(name, (name,))
+                if group not in hessians:
+                    hessians[group] = _scaled_hessian(rec.inputs[name], member_scale.get(name))
+                qw = refit_scales(target, hessians[group], qw, damp=0.01)
             err = install_quantized(lin, qw)
             out[name] = qw
             on_module(name, qw, err)
         return out
-
-    @staticmethod
-    def _hessian(
-        rec: _Recorder, name: str, s: torch.Tensor | None, cache: dict[int, tuple]
-    ) -> torch.Tensor:
-        """2/n sum x x^T of the Linear's recorded inputs, as the scaled block sees them (X / s);
-        Linears that read one input share it."""
-        first = rec.inputs[name][0]
-        if id(first) in cache:
-            return cache[id(first)][1]
-        h, n = torch.zeros(first.shape[-1], first.shape[-1], device=first.device), 0
-        for x in rec.inputs[name]:
-            h, n = accumulate_hessian(h, n, x)
-        if s is not None:
-            s = s.to(h.device, torch.float32)
-            h.div_(s[:, None]).div_(s[None, :])
-        cache[id(first)] = (first, h)
-        return h
 
     @torch.no_grad()
     def scale_block(

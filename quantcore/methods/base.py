@@ -56,6 +56,9 @@ class LayerMethod(Protocol):
     walker keeps that pass as the block's float reference). Data-free methods
     (`needs_calibration = False`) get no inputs and must not call it.
     `on_module(name, qweight, error)` is called after each module.
+    A method with a true `wants_float_inputs` attribute is also passed `float_inputs`: each
+    Linear's inputs in the float model (fed its own, unquantized activations), per call;
+    None while those are still the quantized model's (the first block).
     """
 
     name: str

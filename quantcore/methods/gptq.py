@@ -33,6 +33,22 @@ def accumulate_hessian(h: torch.Tensor, n: int, x: torch.Tensor) -> tuple[torch.
     return h, n + b
 
 
+def damped(hessian: torch.Tensor, damp: float) -> torch.Tensor:
+    """An fp32 copy of H as GPTQ conditions it: inputs that never fire (zero diagonal) get 1
+    there, then damp * mean(diag) is added to the diagonal."""
+    h = hessian.float().clone()
+    dead = torch.diag(h) == 0
+    h[dead, dead] = 1
+    h.diagonal().add_(damp * float(torch.mean(torch.diag(h))))
+    return h
+
+
+def divide_by_scales_(m: torch.Tensor, s: torch.Tensor) -> torch.Tensor:
+    """M / (s s^T) in place: a second moment of inputs X (H, C) once they become X / s."""
+    s = s.to(m.device, torch.float32)
+    return m.div_(s[:, None]).div_(s[None, :])
+
+
 def accumulate_cross(c: torch.Tensor, n: int, dx: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
     """Fold a batch into the running mean C = 2/n sum dx x^T, normalised as
     `accumulate_hessian`'s H (call it with H's count before that batch)."""
@@ -50,10 +66,7 @@ def propagation_target(
     H = X~ X~^T and C = (X - X~) X~^T (Li et al. 2025, GPTAQ; Arai and Ichikawa 2025, QEP).
     `alpha` in [0, 1] takes part of that step: the full one fits the calibration tokens'
     errors, and what generalises is the systematic part. H is damped as GPTQ damps it."""
-    h = hessian.float().clone()
-    dead = torch.diag(h) == 0
-    h[dead, dead] = 1
-    h.diagonal().add_(damp * float(torch.mean(torch.diag(h))))
+    h = damped(hessian, damp)
     lower, info = torch.linalg.cholesky_ex(h)
     if int(info):
         return weight  # no correction rather than a wrong one; GPTQ damps harder itself
@@ -310,10 +323,7 @@ def refit_scales(
     if qw.g_idx is not None:
         raise ValueError("refit_scales needs contiguous groups (no g_idx)")
     w = weight.float()
-    h = hessian.float().clone()
-    dead = torch.diag(h) == 0
-    h[dead, dead] = 1
-    h.diagonal().add_(damp * float(torch.mean(torch.diag(h))))
+    h = damped(hessian, damp)
     group = torch.arange(in_f, device=w.device) // gs
     d = qw.codes.float().sub_(qw.zeros.float()[:, group])  # q = d * scale (per group)
     rhs = _group_sum(d * (w @ h), gs, n_groups)  # [out, G]

@@ -38,6 +38,7 @@ from quantcore.methods.gptq import (
     GPTQConfig,
     accumulate_cross,
     accumulate_hessian,
+    divide_by_scales_,
     gptq_quantize,
     propagation_target,
 )
@@ -138,8 +139,7 @@ class _Stats:
         for owner in {self.owner[n] for n in names if n in self.owner}:
             for kept in (self.h, self.c):
                 if owner in kept:
-                    t = s.to(kept[owner].device, torch.float32)
-                    kept[owner].div_(t[:, None]).div_(t[None, :])
+                    divide_by_scales_(kept[owner], s)
 
     def steps(self) -> list[list[str]]:
         """The modules grouped by shared input (q/k/v; gate/up), in the order they ran."""
