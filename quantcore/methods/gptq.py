@@ -329,8 +329,12 @@ def refit_scales(
     rhs = _group_sum(d * (w @ h), gs, n_groups)  # [out, G]
     gram = torch.empty(out_f, n_groups, n_groups, device=w.device)
     for g in range(n_groups):
-        cols = slice(g * gs, min((g + 1) * gs, in_f))
-        gram[:, g] = _group_sum((d[:, cols] @ h[cols]).mul_(d), gs, n_groups)
+        # Each row's Gram matrix is symmetric: the blocks from group g on, mirrored (half
+        # the matmul work of the full rows).
+        start, end = g * gs, min((g + 1) * gs, in_f)
+        part = (d[:, start:end] @ h[start:end, start:]).mul_(d[:, start:])
+        gram[:, g, g:] = _group_sum(part, gs, n_groups - g)
+        gram[:, g + 1 :, g] = gram[:, g, g + 1 :]
     del d
     ridge = 1e-6 * gram.diagonal(dim1=1, dim2=2).mean(dim=1).clamp_min(1e-30)
     gram.diagonal(dim1=1, dim2=2).add_(ridge[:, None])
