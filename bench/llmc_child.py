@@ -6,8 +6,8 @@ KL(base || quant) and top-1 agreement per position).
 
     python -P bench/llmc_child.py SNAPSHOT TOKENS.pt CONFIG WINDOWS SEQ_LEN
 
-(`-P`: the script's directory must not come first on sys.path, or bench/kernels.py shadows
-the `kernels` package that transformers imports.)
+(`-P`: the script's directory must not come first on sys.path, where a module of bench/ could
+shadow a package that llm-compressor or transformers imports.)
 """
 
 from __future__ import annotations

@@ -152,7 +152,7 @@ def main() -> None:
         print(f"done {config}: {json.dumps(rows[-1])}", file=sys.stderr, flush=True)
         if a.llmc_python:
             child = Path(__file__).with_name("llmc_child.py")
-            # -P: bench/ must not shadow packages (bench/kernels.py vs the `kernels` library).
+            # -P: bench/'s modules must not shadow the packages llm-compressor imports.
             cmd = [a.llmc_python, "-P", str(child), rows[-1]["snapshot"], str(tokens_file), config]
             cmd += [str(a.windows), str(a.seq_len)]
             out = subprocess.run(cmd, capture_output=True, text=True, env=os.environ.copy())

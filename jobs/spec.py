@@ -22,7 +22,7 @@ class Method(StrEnum):
     awq = "awq"
 
 
-# Bit widths with a packed layout and a kernel path (see kernels/packing.py).
+# Bit widths with a packed layout and a kernel path (see qfkernels/packing.py).
 METHOD_BITS: dict[Method, tuple[int, ...]] = {m: (2, 3, 4, 8) for m in Method}
 GROUP_SIZES = (-1, 32, 64, 128, 256)
 # Built in (offline); Hub datasets by alias (need the network); a file the worker can read;

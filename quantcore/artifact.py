@@ -22,8 +22,8 @@ from safetensors import safe_open
 from safetensors.torch import load_file
 from torch import nn
 
-from kernels.packed_weight import PackedWeight
-from kernels.quant_linear import Backend, replace_linears
+from qfkernels.packed_weight import PackedWeight
+from qfkernels.quant_linear import Backend, replace_linears
 from quantcore.formats import FORMATS, WeightScheme, gptq, pack_quantized, scheme_of
 from quantcore.formats.safetensors_stream import StreamingSafetensors
 from quantcore.qtensor import QuantizedWeight

@@ -3,7 +3,7 @@
 Each quantized Linear `X` is stored as `X.weight_packed` (int32 codes packed along the input
 dim), `X.weight_scale`, `X.weight_zero_point` (asymmetric only; packed along the output dim),
 `X.weight_g_idx` (act-order with a group index only) and `X.weight_shape`. These are the very
-bytes `kernels.QuantLinear` computes from.
+bytes `qfkernels.QuantLinear` computes from.
 """
 
 from __future__ import annotations
@@ -13,8 +13,8 @@ from collections.abc import Mapping
 
 import torch
 
-from kernels.packed_weight import PackedWeight
-from kernels.packing import unpack_int32
+from qfkernels.packed_weight import PackedWeight
+from qfkernels.packing import unpack_int32
 from quantcore.formats import WeightScheme
 from quantcore.qtensor import QuantizedWeight
 

@@ -91,7 +91,7 @@ def test_api_image_installs_no_torch():
     installs = [a for op, a in ins if op == "RUN" and "pip install" in a]
     assert installs and not any("[worker]" in a or "torch" in a.split("&&")[0] for a in installs)
     copied = {a.split()[0] for op, a in ins if op == "COPY" and not a.startswith("--")}
-    assert not copied & {"quantcore", "kernels", "workers"}
+    assert not copied & {"quantcore", "qfkernels", "workers"}
 
     # What the API image installs is the project's base requirements: torch is not among
     # them, nor among anything they pull in (read from the installed packages' metadata).

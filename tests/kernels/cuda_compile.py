@@ -17,7 +17,7 @@ import triton.language as tl  # noqa: E402
 from triton.backends.compiler import GPUTarget  # noqa: E402
 from triton.compiler import ASTSource  # noqa: E402
 
-from kernels import triton_gemm, triton_gemv  # noqa: E402
+from qfkernels import triton_gemm, triton_gemv  # noqa: E402
 
 MMA = {"fp16": tl.float16, "bf16": tl.bfloat16, "fp32": tl.float32}
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import torch
 
-from kernels.packed_weight import PackedWeight
+from qfkernels.packed_weight import PackedWeight
 
 # Max error relative to the largest reference output, by activation dtype. fp32 is the math
 # itself; fp16/bf16 outputs are rounded once to the dtype (bf16: 8 bits of mantissa, and the

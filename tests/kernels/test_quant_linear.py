@@ -8,9 +8,9 @@ import pytest
 import torch
 from torch import nn
 
-from kernels.packed_weight import PackedWeight
-from kernels.quant_linear import QuantLinear, quant_matmul, replace_linears, resolve_backend
-from kernels.reference import dequantize, reference_linear
+from qfkernels.packed_weight import PackedWeight
+from qfkernels.quant_linear import QuantLinear, quant_matmul, replace_linears, resolve_backend
+from qfkernels.reference import dequantize, reference_linear
 from quantcore.artifact import pack_quantized_tensors, unpack_quantized_tensors
 from quantcore.methods.rtn import quantize_rtn
 from tests.kernels.factory import TOLERANCE, random_input, random_weight, rel_error

@@ -7,9 +7,9 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from kernels.packed_weight import PackedWeight, packed_weights_from_artifact
-from kernels.packing import pack_int32, unpack_int32
-from kernels.reference import dequantize, reference_linear, unpack_codes
+from qfkernels.packed_weight import PackedWeight, packed_weights_from_artifact
+from qfkernels.packing import pack_int32, unpack_int32
+from qfkernels.reference import dequantize, reference_linear, unpack_codes
 from quantcore.artifact import pack_quantized_tensors
 from quantcore.methods.rtn import quantize_rtn
 from tests.kernels.factory import random_input, random_weight

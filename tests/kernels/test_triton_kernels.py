@@ -7,9 +7,9 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from kernels.reference import dequantize, reference_linear
-from kernels.triton_gemm import gemm
-from kernels.triton_gemv import gemv
+from qfkernels.reference import dequantize, reference_linear
+from qfkernels.triton_gemm import gemm
+from qfkernels.triton_gemv import gemv
 from tests.kernels.factory import TOLERANCE, random_input, random_weight, rel_error
 
 F16, BF16, F32 = torch.float16, torch.bfloat16, torch.float32

@@ -19,10 +19,10 @@ def test_ruff_clean():
 
 def test_dependency_arrows():
     forbidden = {
-        "kernels": ("quantcore", "jobs", "workers", "api"),
+        "qfkernels": ("quantcore", "jobs", "workers", "api"),
         "quantcore": ("jobs", "workers", "api"),
-        "jobs": ("workers", "api", "quantcore", "kernels", "torch"),
-        "api": ("workers", "quantcore", "kernels", "torch"),
+        "jobs": ("workers", "api", "quantcore", "qfkernels", "torch"),
+        "api": ("workers", "quantcore", "qfkernels", "torch"),
     }
     bad = []
     for pkg, banned in forbidden.items():

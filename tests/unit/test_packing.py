@@ -7,7 +7,7 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from kernels.packing import SUPPORTED_BITS, pack_int32, packed_width, unpack_int32
+from qfkernels.packing import SUPPORTED_BITS, pack_int32, packed_width, unpack_int32
 
 
 @settings(max_examples=60, deadline=None)

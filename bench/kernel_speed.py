@@ -1,6 +1,6 @@
 """Kernel speed: the packed-weight kernels against a dense fp16 matmul, on Llama linear shapes.
 
-    python bench/kernels.py [--bits 4] [--group-size 128] [--symmetric] [--reps 50]
+    python bench/kernel_speed.py [--bits 4] [--group-size 128] [--symmetric] [--reps 50]
 
 On a GPU: median time (CUDA events, after warm-up and autotuning) of QuantLinear's Triton path
 and of fp16 torch.matmul for the Llama-7B and 70B linear shapes at M = 1, 4, 16, 64, with the
@@ -22,16 +22,16 @@ from collections.abc import Callable
 from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
-# Run as a script, this folder is first on sys.path and this file's name would shadow the
-# `kernels` package; put the repository root there instead.
+# Run as a script, this folder is first on sys.path; put the repository root there instead,
+# so that `qfkernels` imports without an install.
 if sys.path and Path(sys.path[0] or ".").resolve() == HERE:
     sys.path[0] = str(HERE.parent)
 
 import torch  # noqa: E402
 
-from kernels.packed_weight import PackedWeight  # noqa: E402
-from kernels.quant_linear import quant_matmul  # noqa: E402
-from kernels.reference import reference_linear  # noqa: E402
+from qfkernels.packed_weight import PackedWeight  # noqa: E402
+from qfkernels.quant_linear import quant_matmul  # noqa: E402
+from qfkernels.reference import reference_linear  # noqa: E402
 
 # (name, in_features K, out_features N)
 GPU_SHAPES = [
@@ -175,7 +175,7 @@ def bench_cpu(args: argparse.Namespace) -> None:
     copy_bw = copy_bandwidth(device, args.reps)
     scheme = f"w{args.bits} g{args.group_size} {'sym' if args.symmetric else 'asym'}"
     print(
-        "No CUDA device: these are CPU timings of the torch reference (kernels.reference: "
+        "No CUDA device: these are CPU timings of the torch reference (qfkernels.reference: "
         "unpack, dequantize, fp32 matmul), NOT of the Triton kernels, on smaller shapes."
     )
     print(

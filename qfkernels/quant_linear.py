@@ -2,7 +2,7 @@
 
 On CUDA it runs the Triton kernels (GEMV for decode-sized batches, GEMM above); on the CPU it
 runs the torch reference. Triton is imported only when a Triton path runs, so this module (and
-`import kernels`) works where triton is not installed.
+`import qfkernels`) works where triton is not installed.
 """
 
 from __future__ import annotations
@@ -13,8 +13,8 @@ from typing import Literal
 import torch
 from torch import nn
 
-from kernels.packed_weight import PackedWeight
-from kernels.reference import dequantize, reference_linear
+from qfkernels.packed_weight import PackedWeight
+from qfkernels.reference import dequantize, reference_linear
 
 Backend = Literal["auto", "triton", "reference"]
 BACKENDS = ("auto", "triton", "reference")
@@ -51,11 +51,11 @@ def quant_matmul(
     if resolve_backend(backend, x) == "reference":
         y = reference_linear(x2, w, bias)
     elif x2.shape[0] <= GEMV_MAX_M:
-        from kernels.triton_gemv import gemv
+        from qfkernels.triton_gemv import gemv
 
         y = gemv(x2, w, bias)
     else:
-        from kernels.triton_gemm import gemm
+        from qfkernels.triton_gemm import gemm
 
         y = gemm(x2, w, bias)
     return y.reshape(*lead, w.out_features)

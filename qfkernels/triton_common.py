@@ -9,7 +9,7 @@ import torch
 import triton
 import triton.language as tl
 
-from kernels.packed_weight import PackedWeight
+from qfkernels.packed_weight import PackedWeight
 
 # Passed as GROUP_SIZE for a per-channel weight (one group): k // 2**30 == 0 for every column,
 # and every power-of-two BLOCK_K divides it, so per-channel takes the one-group-per-tile path.

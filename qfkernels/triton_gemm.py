@@ -12,8 +12,8 @@ import torch
 import triton
 import triton.language as tl
 
-from kernels.packed_weight import PackedWeight
-from kernels.triton_common import (
+from qfkernels.packed_weight import PackedWeight
+from qfkernels.triton_common import (
     check_inputs,
     check_out,
     dequant_tile,

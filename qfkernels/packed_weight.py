@@ -13,7 +13,7 @@ from dataclasses import dataclass, replace
 
 import torch
 
-from kernels.packing import pack_factor, pack_int32, packed_width, unpack_int32
+from qfkernels.packing import pack_factor, pack_int32, packed_width, unpack_int32
 
 SCALE_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 

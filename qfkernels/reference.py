@@ -10,14 +10,14 @@ from __future__ import annotations
 
 import torch
 
-from kernels.packed_weight import PackedWeight
+from qfkernels.packed_weight import PackedWeight
 
 
 def unpack_codes(qweight: torch.Tensor, bits: int, in_features: int) -> torch.Tensor:
     """Codes [N, K] (int32) from int32 words [N, ceil(K / (32 // bits))].
 
     Works in int32 (an arithmetic shift then a mask is exact for every shift < 32), which needs
-    half the memory of the int64 route in kernels.packing on a large layer.
+    half the memory of the int64 route in qfkernels.packing on a large layer.
     """
     f = 32 // bits
     shifts = torch.arange(f, dtype=torch.int32, device=qweight.device) * bits
