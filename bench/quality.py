@@ -1,7 +1,7 @@
 """Quality, time and memory of our methods on SmolLM2-135M-Instruct, printed as a table.
 
     python -m bench.quality [--configs rtn-w4g64a,gptq-w4g64a,...] [--samples 16] [--windows 16]
-        [--llmc-python .quantfoundry/llmc-venv/bin/python]
+        [--seeds 0,1,2] [--llmc-python .quantfoundry/llmc-venv/bin/python]
 
 Each configuration runs in its own process so that its peak RSS is its own. Perplexity uses the
 GPTQ-paper protocol on the held-out articles; KL and top-1 agreement are against the base model
@@ -12,6 +12,11 @@ With `--llmc-python` (a Python whose venv has `llmcompressor`; by default
 `.quantfoundry/llmc-venv/bin/python` when it exists), each configuration also runs through
 llm-compressor (bench/llmc_child.py) on the very same calibration and evaluation tokens, and a
 second table sets the two side by side.
+
+With several `--seeds`, each configuration runs once per calibration seed (other calibration
+windows, the same held-out text), llm-compressor on each seed's very tokens, and a last table
+gives the mean and spread over the seeds: one run's perplexity moves by about a point under
+rounding noise alone (bench/results/quality-cpu-2core.txt), too much to judge a 0.6x goal by.
 """
 
 from __future__ import annotations
@@ -48,7 +53,12 @@ DEFAULT = [f"{m}-{s}" for s in SCHEMES for m in ("rtn", "gptq", "awq")]
 
 
 def run_one(
-    config: str, samples: int, windows: int, seq_len: int, tokens_out: str | None = None
+    config: str,
+    samples: int,
+    windows: int,
+    seq_len: int,
+    tokens_out: str | None = None,
+    seed: int = 0,
 ) -> dict:
     """One configuration through the product's own path (`pipeline.quantize`: lazy loading,
     block by block, layers spilled to disk), timed from the request to the quantized weights.
@@ -75,7 +85,7 @@ def run_one(
         bits=bits,
         group_size=group,
         symmetric=sym,
-        calibration=Calibration(n_samples=samples, seq_len=seq_len, seed=0),
+        calibration=Calibration(n_samples=samples, seq_len=seq_len, seed=seed),
         ignore=("lm_head",),
         method_options=options,
     )
@@ -92,7 +102,7 @@ def run_one(
     if tokens_out:  # for llm-compressor: the very tokens the pipeline calibrated on
         import torch
 
-        cal = calibration_samples(tok, "wiki-excerpt", samples, seq_len, seed=0)
+        cal = calibration_samples(tok, "wiki-excerpt", samples, seq_len, seed=seed)
         torch.save({"calibration": cal, "evaluation": tokens}, tokens_out)
     base = perplexity(model, tokens, seq_len, windows)
     quant = copy.deepcopy(model)
@@ -102,6 +112,7 @@ def run_one(
     return {
         "snapshot": str(snapshot),
         "config": config,
+        "seed": seed,
         "ppl_base": base.ppl,
         "ppl_quant": qp.ppl,
         "change_pct": 100 * (qp.ppl / base.ppl - 1),
@@ -118,17 +129,20 @@ def main() -> None:
     ap.add_argument("--samples", type=int, default=16)
     ap.add_argument("--windows", type=int, default=16)
     ap.add_argument("--seq-len", type=int, default=512)
+    ap.add_argument("--seeds", default="0", help="calibration seeds, comma-separated")
     default_llmc = Path(".quantfoundry/llmc-venv/bin/python")
     ap.add_argument("--llmc-python", default=str(default_llmc) if default_llmc.exists() else None)
     ap.add_argument("--one", help=argparse.SUPPRESS)
     ap.add_argument("--tokens-out", help=argparse.SUPPRESS)
     a = ap.parse_args()
+    seeds = [int(x) for x in a.seeds.split(",")]
     if a.one:
-        print(json.dumps(run_one(a.one, a.samples, a.windows, a.seq_len, a.tokens_out)))
+        row = run_one(a.one, a.samples, a.windows, a.seq_len, a.tokens_out, seeds[0])
+        print(json.dumps(row))
         return
     rows, llmc_rows = [], {}
     tokens_file = Path(tempfile.mkdtemp(prefix="qf-quality-")) / "tokens.pt"
-    for config in a.configs.split(","):
+    for config, seed in ((c, s) for c in a.configs.split(",") for s in seeds):
         cmd = [
             sys.executable,
             "-m",
@@ -143,13 +157,15 @@ def main() -> None:
             str(a.seq_len),
             "--tokens-out",
             str(tokens_file),
+            "--seeds",
+            str(seed),
         ]
         out = subprocess.run(cmd, capture_output=True, text=True, env=os.environ.copy())
         if out.returncode != 0:
-            print(f"{config}: failed\n{out.stderr[-2000:]}", file=sys.stderr)
+            print(f"{config} seed {seed}: failed\n{out.stderr[-2000:]}", file=sys.stderr)
             continue
         rows.append(json.loads(out.stdout.strip().splitlines()[-1]))
-        print(f"done {config}: {json.dumps(rows[-1])}", file=sys.stderr, flush=True)
+        print(f"done {config} seed {seed}: {json.dumps(rows[-1])}", file=sys.stderr, flush=True)
         if a.llmc_python:
             child = Path(__file__).with_name("llmc_child.py")
             # -P: bench/'s modules must not shadow the packages llm-compressor imports.
@@ -157,11 +173,15 @@ def main() -> None:
             cmd += [str(a.windows), str(a.seq_len)]
             out = subprocess.run(cmd, capture_output=True, text=True, env=os.environ.copy())
             if out.returncode != 0:
-                print(f"{config} (llm-compressor): failed\n{out.stderr[-3000:]}", file=sys.stderr)
+                print(
+                    f"{config} seed {seed} (llm-compressor): failed\n{out.stderr[-3000:]}",
+                    file=sys.stderr,
+                )
                 continue
-            llmc_rows[config] = json.loads(out.stdout.strip().splitlines()[-1])
+            llmc_rows[config, seed] = json.loads(out.stdout.strip().splitlines()[-1])
             print(
-                f"done {config} (llm-compressor): {json.dumps(llmc_rows[config])}",
+                f"done {config} seed {seed} (llm-compressor): "
+                f"{json.dumps(llmc_rows[config, seed])}",
                 file=sys.stderr,
                 flush=True,
             )
@@ -173,39 +193,41 @@ def main() -> None:
         "and re-fitted scales"
     )
     head = (
-        f"{'config':<14}{'ppl base':>10}{'ppl quant':>11}{'change':>9}{'KL':>9}"
+        f"{'config':<14}{'seed':>5}{'ppl base':>10}{'ppl quant':>11}{'change':>9}{'KL':>9}"
         f"{'top-1':>8}{'time s':>8}{'RSS MB':>8}"
     )
     print(head)
     print("-" * len(head))
     for r in rows:
         print(
-            f"{r['config']:<14}{r['ppl_base']:>10.3f}{r['ppl_quant']:>11.3f}"
+            f"{r['config']:<14}{r['seed']:>5}{r['ppl_base']:>10.3f}{r['ppl_quant']:>11.3f}"
             f"{r['change_pct']:>+8.2f}%{r['kl']:>9.4f}{r['top1']:>8.3f}"
             f"{r['quantize_s']:>8.1f}{r['peak_rss_mb']:>8.0f}"
         )
     if llmc_rows:
         _side_by_side(rows, llmc_rows)
+    if len(seeds) > 1:
+        _over_seeds(rows, llmc_rows)
 
 
-def _side_by_side(rows: list[dict], llmc: dict[str, dict]) -> None:
+def _side_by_side(rows: list[dict], llmc: dict[tuple[str, int], dict]) -> None:
     """Ours next to llm-compressor's on the same tokens; ratios are ours / theirs (the goals:
     perplexity increase at most 0.6x, time and peak RSS at most 0.7x)."""
     print()
     print("quantfoundry vs llm-compressor (same calibration and evaluation tokens)")
     head = (
-        f"{'config':<14}{'change ours':>12}{'theirs':>9}{'ratio':>7}{'KL ours':>9}"
+        f"{'config':<14}{'seed':>5}{'change ours':>12}{'theirs':>9}{'ratio':>7}{'KL ours':>9}"
         f"{'theirs':>8}{'top-1 ours':>11}{'theirs':>7}{'time ours':>10}{'theirs':>8}"
         f"{'ratio':>7}{'RSS ours':>9}{'theirs':>8}{'ratio':>7}"
     )
     print(head)
     print("-" * len(head))
     for r in rows:
-        t = llmc.get(r["config"])
+        t = llmc.get((r["config"], r["seed"]))
         if t is None:
             continue
         print(
-            f"{r['config']:<14}{r['change_pct']:>+11.2f}%{t['change_pct']:>+8.2f}%"
+            f"{r['config']:<14}{r['seed']:>5}{r['change_pct']:>+11.2f}%{t['change_pct']:>+8.2f}%"
             f"{r['change_pct'] / t['change_pct']:>7.2f}"
             f"{r['kl']:>9.4f}{t['kl']:>8.4f}{r['top1']:>11.3f}{t['top1']:>7.3f}"
             f"{r['quantize_s']:>10.1f}{t['quantize_s']:>8.1f}"
@@ -213,6 +235,47 @@ def _side_by_side(rows: list[dict], llmc: dict[str, dict]) -> None:
             f"{r['peak_rss_mb']:>9.0f}{t['peak_rss_mb']:>8.0f}"
             f"{r['peak_rss_mb'] / t['peak_rss_mb']:>7.2f}"
         )
+
+
+def _mean_sd(values: list[float]) -> tuple[float, float]:
+    mean = sum(values) / len(values)
+    var = sum((v - mean) ** 2 for v in values) / max(len(values) - 1, 1)
+    return mean, var**0.5
+
+
+def _over_seeds(rows: list[dict], llmc: dict[tuple[str, int], dict]) -> None:
+    """Each configuration over its seeds: mean and standard deviation of the perplexity
+    change and KL, ours and llm-compressor's, the ratio of the mean changes and the range of
+    the per-seed ratios, and the mean time and RSS ratios."""
+    print()
+    print("over calibration seeds (mean +- sample standard deviation; ratios ours / theirs)")
+    head = (
+        f"{'config':<14}{'seeds':>6}{'change ours':>17}{'theirs':>17}{'ratio':>7}"
+        f"{'per seed':>12}{'KL ours':>9}{'theirs':>8}{'time ratio':>11}{'RSS ratio':>10}"
+    )
+    print(head)
+    print("-" * len(head))
+    for config in dict.fromkeys(r["config"] for r in rows):
+        ours = [r for r in rows if r["config"] == config]
+        pairs = [(r, llmc[config, r["seed"]]) for r in ours if (config, r["seed"]) in llmc]
+        m, sd = _mean_sd([r["change_pct"] for r in ours])
+        kl = _mean_sd([r["kl"] for r in ours])[0]
+        line = f"{config:<14}{len(ours):>6}{m:>+9.2f}% +-{sd:>4.2f}"
+        if pairs:
+            tm, tsd = _mean_sd([t["change_pct"] for _, t in pairs])
+            mine = _mean_sd([r["change_pct"] for r, _ in pairs])[0]
+            each = [r["change_pct"] / t["change_pct"] for r, t in pairs]
+            time_r = _mean_sd([r["quantize_s"] / t["quantize_s"] for r, t in pairs])[0]
+            rss_r = _mean_sd([r["peak_rss_mb"] / t["peak_rss_mb"] for r, t in pairs])[0]
+            tkl = _mean_sd([t["kl"] for _, t in pairs])[0]
+            line += (
+                f"{tm:>+9.2f}% +-{tsd:>4.2f}{mine / tm:>7.2f}"
+                f"{f'{min(each):.2f}-{max(each):.2f}':>12}{kl:>9.4f}{tkl:>8.4f}"
+                f"{time_r:>11.2f}{rss_r:>10.2f}"
+            )
+        else:
+            line += f"{'':>17}{'':>7}{'':>12}{kl:>9.4f}"
+        print(line)
 
 
 if __name__ == "__main__":

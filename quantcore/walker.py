@@ -92,8 +92,8 @@ def capture_block_inputs(
         hidden = args[0] if args else kwargs.pop("hidden_states")
         kw = {k: v for k, v in kwargs.items() if k != "hidden_states"}
         kw["use_cache"] = False
-        kw.pop("past_key_values", None)
-        kw.pop("past_key_value", None)
+        for name in ("cache", "past_key_values", "past_key_value"):  # by transformers version
+            kw.pop(name, None)
         captured.append(_Batch(hidden.detach(), kw))
         raise _Captured
 

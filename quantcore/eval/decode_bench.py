@@ -3,6 +3,7 @@ from the prefill (ms per token at batch 1, tokens per second at batch 8)."""
 
 from __future__ import annotations
 
+import inspect
 import time
 from dataclasses import dataclass
 
@@ -23,16 +24,29 @@ def _sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
+def _cache_argument(model: nn.Module) -> str:
+    """The name under which `model.forward` takes the KV cache: `cache` from transformers
+    5.25 on (its `past_key_values` is deprecated, to be removed in 5.40), else the old one."""
+    params = inspect.signature(model.forward).parameters
+    return "cache" if "cache" in params else "past_key_values"
+
+
+def _cache_of(out):
+    cache = getattr(out, "cache", None)
+    return cache if cache is not None else out.past_key_values
+
+
 @torch.no_grad()
 def decode_seconds(model: nn.Module, prompt: torch.Tensor, new_tokens: int) -> float:
     """Seconds for `new_tokens` greedy decode steps after prefilling `prompt` [B, P]."""
+    arg = _cache_argument(model)
     out = model(input_ids=prompt, use_cache=True)
-    past, nxt = out.past_key_values, out.logits[:, -1].argmax(-1, keepdim=True)
+    past, nxt = _cache_of(out), out.logits[:, -1].argmax(-1, keepdim=True)
     _sync(prompt.device)
     t0 = time.perf_counter()
     for _ in range(new_tokens):
-        out = model(input_ids=nxt, past_key_values=past, use_cache=True)
-        past, nxt = out.past_key_values, out.logits[:, -1].argmax(-1, keepdim=True)
+        out = model(input_ids=nxt, use_cache=True, **{arg: past})
+        past, nxt = _cache_of(out), out.logits[:, -1].argmax(-1, keepdim=True)
     _sync(prompt.device)
     return time.perf_counter() - t0
 
