@@ -32,3 +32,18 @@ def test_dependency_arrows():
                 if m and m.group(1) in banned:
                     bad.append(f"{f.relative_to(ROOT)}: {line.strip()}")
     assert not bad, "imports against the arrows:\n" + "\n".join(bad)
+
+
+def test_no_package_of_ours_shadows_an_installed_one():
+    """Our top-level packages share no name with another installed distribution's: transformers
+    5.25 began importing Hugging Face's `kernels`, and our former `kernels/` package, first on
+    sys.path, broke every model load ("cannot import name 'CUDAProperties' from 'kernels'")."""
+    import tomllib
+    from importlib.metadata import packages_distributions
+
+    setup = tomllib.loads((ROOT / "pyproject.toml").read_text())["tool"]["setuptools"]
+    ours = [p.rstrip("*") for p in setup["packages"]["find"]["include"]]
+    assert ours and all((ROOT / name / "__init__.py").exists() for name in ours), ours
+    owners = packages_distributions()
+    clashes = {n: owners[n] for n in ours if set(owners.get(n, [])) - {"quantfoundry"}}
+    assert not clashes, f"these names are also installed by other distributions: {clashes}"
