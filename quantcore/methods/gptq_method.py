@@ -292,14 +292,16 @@ class GPTQ:
                     forward(stop_after=list(owners.values()))
                 finally:
                     stats.remove()
-            # Linears of a step with one scheme and one dtype are quantized as one weight.
+            # Linears of a step that share one Hessian (one input), one scheme and one dtype
+            # are quantized as one weight. A true-sequential step shares one input; without
+            # true-sequential the one step holds every Linear, whatever it reads.
             together: dict[tuple, list[str]] = {}
             for name in step:
                 lin, scheme = modules[name]
-                together.setdefault((scheme, lin.weight.dtype), []).append(name)
-            for (scheme, _dtype), names in together.items():
+                key = (order.owner[name], scheme, lin.weight.dtype)
+                together.setdefault(key, []).append(name)
+            for (owner, scheme, _dtype), names in together.items():
                 weights = [linears[n].weight.data for n in names]
-                owner = order.owner[names[0]]
                 hessian = stats.h[owner]
                 if owner in stats.c:
                     # Aim at what the float model computes from its own inputs.
