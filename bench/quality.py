@@ -204,14 +204,14 @@ def main() -> None:
         "and re-fitted scales"
     )
     head = (
-        f"{'config':<14}{'seed':>5}{'ppl base':>10}{'ppl quant':>11}{'change':>9}{'KL':>9}"
+        f"{'config':<19}{'seed':>5}{'ppl base':>10}{'ppl quant':>11}{'change':>9}{'KL':>9}"
         f"{'top-1':>8}{'time s':>8}{'RSS MB':>8}"
     )
     print(head)
     print("-" * len(head))
     for r in rows:
         print(
-            f"{r['config']:<14}{r['seed']:>5}{r['ppl_base']:>10.3f}{r['ppl_quant']:>11.3f}"
+            f"{r['config']:<19}{r['seed']:>5}{r['ppl_base']:>10.3f}{r['ppl_quant']:>11.3f}"
             f"{r['change_pct']:>+8.2f}%{r['kl']:>9.4f}{r['top1']:>8.3f}"
             f"{r['quantize_s']:>8.1f}{r['peak_rss_mb']:>8.0f}"
         )
@@ -227,7 +227,7 @@ def _side_by_side(rows: list[dict], llmc: dict[tuple[str, int], dict]) -> None:
     print()
     print("quantfoundry vs llm-compressor (same calibration and evaluation tokens)")
     head = (
-        f"{'config':<14}{'seed':>5}{'change ours':>12}{'theirs':>9}{'ratio':>7}{'KL ours':>9}"
+        f"{'config':<19}{'seed':>5}{'change ours':>12}{'theirs':>9}{'ratio':>7}{'KL ours':>9}"
         f"{'theirs':>8}{'top-1 ours':>11}{'theirs':>7}{'time ours':>10}{'theirs':>8}"
         f"{'ratio':>7}{'RSS ours':>9}{'theirs':>8}{'ratio':>7}"
     )
@@ -238,7 +238,7 @@ def _side_by_side(rows: list[dict], llmc: dict[tuple[str, int], dict]) -> None:
         if t is None:
             continue
         print(
-            f"{r['config']:<14}{r['seed']:>5}{r['change_pct']:>+11.2f}%{t['change_pct']:>+8.2f}%"
+            f"{r['config']:<19}{r['seed']:>5}{r['change_pct']:>+11.2f}%{t['change_pct']:>+8.2f}%"
             f"{r['change_pct'] / t['change_pct']:>7.2f}"
             f"{r['kl']:>9.4f}{t['kl']:>8.4f}{r['top1']:>11.3f}{t['top1']:>7.3f}"
             f"{r['quantize_s']:>10.1f}{t['quantize_s']:>8.1f}"
@@ -261,7 +261,7 @@ def _over_seeds(rows: list[dict], llmc: dict[tuple[str, int], dict]) -> None:
     print()
     print("over calibration seeds (mean +- sample standard deviation; ratios ours / theirs)")
     head = (
-        f"{'config':<14}{'seeds':>6}{'change ours':>17}{'theirs':>17}{'ratio':>7}"
+        f"{'config':<19}{'seeds':>6}{'change ours':>17}{'theirs':>17}{'ratio':>7}"
         f"{'per seed':>12}{'KL ours':>9}{'theirs':>8}{'time ratio':>11}{'RSS ratio':>10}"
     )
     print(head)
@@ -271,7 +271,7 @@ def _over_seeds(rows: list[dict], llmc: dict[tuple[str, int], dict]) -> None:
         pairs = [(r, llmc[config, r["seed"]]) for r in ours if (config, r["seed"]) in llmc]
         m, sd = _mean_sd([r["change_pct"] for r in ours])
         kl = _mean_sd([r["kl"] for r in ours])[0]
-        line = f"{config:<14}{len(ours):>6}{m:>+9.2f}% +-{sd:>4.2f}"
+        line = f"{config:<19}{len(ours):>6}{m:>+9.2f}% +-{sd:>4.2f}"
         if pairs:
             tm, tsd = _mean_sd([t["change_pct"] for _, t in pairs])
             mine = _mean_sd([r["change_pct"] for r, _ in pairs])[0]
