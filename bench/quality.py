@@ -54,6 +54,8 @@ METHODS = {
     # columns in their own order with each group's range taken as GPTQ reaches it.
     "gptqnots": ("gptq", {"true_sequential": False}),
     "gptqnoact": ("gptq", {"act_order": False}),
+    # Codes and scales alternated: GPTQ again under the re-fitted scales, then a second refit.
+    "gptqrr2": ("gptq", {"refit_rounds": 2}),
 }
 DEFAULT = [f"{m}-{s}" for s in SCHEMES for m in ("rtn", "gptq", "awq")]
 

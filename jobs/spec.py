@@ -131,6 +131,14 @@ class GPTQOptions(BaseModel):
         description="After GPTQ chose the codes, re-fit each row's group scales to them by "
         "least squares on the input Hessian (GPTQ's own objective; cheap).",
     )
+    refit_rounds: int = Field(
+        default=1,
+        ge=1,
+        le=4,
+        description="With refit: rounds of GPTQ under the re-fitted scales, each re-fitted "
+        "again; every row keeps its round with the lower output error. 2: about 1.25x the "
+        "time, KL 1% lower on SmolLM2 (not significant over three seeds).",
+    )
     propagate: float = Field(
         default=0.0,
         ge=0,

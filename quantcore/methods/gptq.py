@@ -22,6 +22,8 @@ class GPTQConfig:
     act_order: bool = False  # quantize columns by descending Hessian diagonal
     mse: bool = False  # search a shrunken range per group instead of min/max
     refit: bool = False  # re-fit each row's group scales to its codes by least squares on H
+    # With refit: rounds of (GPTQ's codes under the scales, the scales re-fitted to the codes)
+    refit_rounds: int = 1
 
 
 def accumulate_hessian(h: torch.Tensor, n: int, x: torch.Tensor) -> tuple[torch.Tensor, int]:
@@ -197,12 +199,14 @@ def gptq_quantize(
     hessian: torch.Tensor,
     cfg: GPTQConfig,
     scale_dtype: torch.dtype | None = None,
+    params: tuple[torch.Tensor, torch.Tensor] | None = None,
 ) -> tuple[QuantizedWeight, float]:
     """Quantize `weight` [out, in] given the input Hessian [in, in].
 
     Returns the quantized weight and GPTQ's loss estimate sum (w - q)^2 / [H^-1]_ii / 2.
     With act-order, groups stay static: their scales come from the unquantized weight and
     group membership stays contiguous in the original column order (no g_idx needed).
+    `params` (scales, zero points [out, n_groups]) fixes every group's parameters (static).
     """
     scale_dtype = scale_dtype or weight.dtype
     out_f, in_f = weight.shape
@@ -218,8 +222,10 @@ def gptq_quantize(
 
     scales = torch.empty(out_f, n_groups, device=w.device)
     zeros = torch.empty(out_f, n_groups, device=w.device)
-    static = cfg.act_order
-    if static:
+    static = cfg.act_order or params is not None
+    if params is not None:
+        scales[:], zeros[:] = params[0].float(), params[1].float()
+    elif static:
         scales[:], zeros[:] = _static_params(w, gs, cfg, scale_dtype)
     if cfg.act_order:
         perm = torch.argsort(torch.diag(h), descending=True)
@@ -294,9 +300,29 @@ def gptq_quantize(
         group_size=gs,
         symmetric=cfg.symmetric,
     )
+    loss = float(losses.sum())
     if cfg.refit:
         qw = refit_scales(weight, hessian, qw, cfg.damp)
-    return qw, float(losses.sum())
+        if cfg.refit_rounds > 1:
+            # GPTQ again under the re-fitted scales, whose codes may then fit them better. It
+            # is greedy, so not always: each row keeps the round with its lower output error
+            # (rows are independent given H; the zero points are the same in both).
+            again = replace(cfg, refit_rounds=cfg.refit_rounds - 1)
+            other, _ = gptq_quantize(weight, hessian, again, scale_dtype, (qw.scales, qw.zeros))
+            better = (row_errors(weight, hessian, other) < row_errors(weight, hessian, qw))[:, None]
+            qw = replace(
+                qw,
+                codes=torch.where(better, other.codes, qw.codes),
+                scales=torch.where(better, other.scales, qw.scales),
+            )
+    return qw, loss
+
+
+def row_errors(weight: torch.Tensor, hessian: torch.Tensor, qw: QuantizedWeight) -> torch.Tensor:
+    """(w - q)^T H (w - q) for each row: the output error of the row's quantization on the
+    inputs H was accumulated from."""
+    d = qw.dequantize(torch.float32).sub_(weight.float())
+    return (d @ hessian.float()).mul_(d).sum(dim=1)
 
 
 def _group_sum(x: torch.Tensor, gs: int, n_groups: int) -> torch.Tensor:

@@ -211,8 +211,12 @@ class GPTQ:
         awq_tokens: int | None = 512,
         refit: bool = True,
         propagate: float = 0.0,
+        refit_rounds: int = 1,
     ):
         self.refit = refit
+        if refit_rounds < 1:
+            raise ValueError(f"refit_rounds must be at least 1, got {refit_rounds}")
+        self.refit_rounds = refit_rounds
         if not 0.0 <= propagate <= 1.0:
             raise ValueError(f"propagate must be in [0, 1], got {propagate}")
         self.propagate = propagate
@@ -235,6 +239,7 @@ class GPTQ:
             self.act_order,
             self.mse,
             self.refit,
+            self.refit_rounds,
         )
 
     @property

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from dataclasses import replace
+
 import pytest
 import torch
 
@@ -207,6 +209,39 @@ def test_refit_is_part_of_gptq_when_asked():
         _h_loss(w, refit.dequantize(torch.float32), h).sum()
         < _h_loss(w, plain.dequantize(torch.float32), h).sum()
     )
+
+
+def test_given_group_params_are_used_as_they_are():
+    w, h, _ = _problem(out_f=12, in_f=96)
+    first, _ = gptq_quantize(w, h, GPTQConfig(4, 32, False, act_order=True, mse=True))
+    scales = first.scales * 1.05  # not what any range rule would give
+    again, _ = gptq_quantize(
+        w, h, GPTQConfig(4, 32, False, act_order=False), params=(scales, first.zeros)
+    )
+    assert torch.equal(again.scales, scales) and torch.equal(again.zeros, first.zeros)
+
+
+@pytest.mark.parametrize("act_order", [False, True])
+def test_refit_rounds_alternate_codes_and_scales(act_order):
+    """A second round is GPTQ under the first round's re-fitted scales, re-fitted again; each
+    row keeps the round with the lower (w - q)^T H (w - q), so no row does worse, and on
+    correlated inputs some rows do better."""
+    w, h, _ = _problem(out_f=64, in_f=192, tokens=800)
+    one = GPTQConfig(4, 64, False, act_order=act_order, mse=True, refit=True)
+    first, _ = gptq_quantize(w, h, one)
+    two, _ = gptq_quantize(w, h, replace(one, refit_rounds=2))
+    by_hand, _ = gptq_quantize(w, h, one, params=(first.scales, first.zeros))
+    loss = {
+        name: _h_loss(w, q.dequantize(torch.float32), h)
+        for name, q in (("first", first), ("two", two), ("by_hand", by_hand))
+    }
+    kept = loss["by_hand"] < loss["first"]
+    assert 0 < int(kept.sum()) < len(kept)  # each round wins some rows here
+    for name in ("codes", "scales"):
+        expected = torch.where(kept[:, None], getattr(by_hand, name), getattr(first, name))
+        assert torch.equal(getattr(two, name), expected)
+    assert bool((loss["two"] <= loss["first"] + 1e-6 * loss["first"]).all())
+    assert float(loss["two"].sum()) < float(loss["first"].sum())
 
 
 def test_propagation_target_fits_the_float_models_outputs():
