@@ -136,7 +136,7 @@ class GPTQOptions(BaseModel):
         ge=1,
         le=4,
         description="With refit: rounds of GPTQ under the re-fitted scales, each re-fitted "
-        "again; every row keeps its round with the lower output error. 2: about 1.25x the "
+        "again; every row keeps its round with the lower output error. 2: about 1.3x the "
         "time, KL 1% lower on SmolLM2 (not significant over three seeds).",
     )
     propagate: float = Field(
