@@ -30,6 +30,7 @@ import sys
 import tempfile
 import time
 from pathlib import Path
+from statistics import fmean, stdev
 
 SCHEMES = {
     "w4g64a": (4, 64, False),
@@ -251,9 +252,8 @@ def _side_by_side(rows: list[dict], llmc: dict[tuple[str, int], dict]) -> None:
 
 
 def _mean_sd(values: list[float]) -> tuple[float, float]:
-    mean = sum(values) / len(values)
-    var = sum((v - mean) ** 2 for v in values) / max(len(values) - 1, 1)
-    return mean, var**0.5
+    """Mean and sample standard deviation (0 for a single value)."""
+    return fmean(values), stdev(values) if len(values) > 1 else 0.0
 
 
 def _over_seeds(rows: list[dict], llmc: dict[tuple[str, int], dict]) -> None:
@@ -272,15 +272,15 @@ def _over_seeds(rows: list[dict], llmc: dict[tuple[str, int], dict]) -> None:
         ours = [r for r in rows if r["config"] == config]
         pairs = [(r, llmc[config, r["seed"]]) for r in ours if (config, r["seed"]) in llmc]
         m, sd = _mean_sd([r["change_pct"] for r in ours])
-        kl = _mean_sd([r["kl"] for r in ours])[0]
+        kl = fmean(r["kl"] for r in ours)
         line = f"{config:<19}{len(ours):>6}{m:>+9.2f}% +-{sd:>4.2f}"
         if pairs:
             tm, tsd = _mean_sd([t["change_pct"] for _, t in pairs])
-            mine = _mean_sd([r["change_pct"] for r, _ in pairs])[0]
+            mine = fmean(r["change_pct"] for r, _ in pairs)
             each = [r["change_pct"] / t["change_pct"] for r, t in pairs]
-            time_r = _mean_sd([r["quantize_s"] / t["quantize_s"] for r, t in pairs])[0]
-            rss_r = _mean_sd([r["peak_rss_mb"] / t["peak_rss_mb"] for r, t in pairs])[0]
-            tkl = _mean_sd([t["kl"] for _, t in pairs])[0]
+            time_r = fmean(r["quantize_s"] / t["quantize_s"] for r, t in pairs)
+            rss_r = fmean(r["peak_rss_mb"] / t["peak_rss_mb"] for r, t in pairs)
+            tkl = fmean(t["kl"] for _, t in pairs)
             line += (
                 f"{tm:>+9.2f}% +-{tsd:>4.2f}{mine / tm:>7.2f}"
                 f"{f'{min(each):.2f}-{max(each):.2f}':>12}{kl:>9.4f}{tkl:>8.4f}"
