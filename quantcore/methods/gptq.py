@@ -212,7 +212,6 @@ def gptq_quantize(
     out_f, in_f = weight.shape
     gs = in_f if cfg.group_size == -1 else cfg.group_size
     n_groups = (in_f + gs - 1) // gs
-    maxq = (1 << cfg.bits) - 1
     w = weight.float().clone()
     h = hessian.float().clone()
 
@@ -238,6 +237,60 @@ def gptq_quantize(
     wt = w[:, perm].t().contiguous()
     del w
 
+    # Later refit rounds start again from the weight as it is here (a pass updates it).
+    start = wt.clone() if cfg.refit and cfg.refit_rounds > 1 else None
+    codes, losses = _column_pass(wt, hinv, perm, scales, zeros, static, gs, cfg, scale_dtype)
+    qw = QuantizedWeight(
+        codes=codes,
+        scales=scales.to(scale_dtype),
+        zeros=zeros.to(torch.uint8),
+        bits=cfg.bits,
+        group_size=gs,
+        symmetric=cfg.symmetric,
+    )
+    loss = float(losses.sum())
+    if cfg.refit:
+        qw = refit_scales(weight, hessian, qw, cfg.damp)
+        fitted = qw
+        errors = row_errors(weight, hessian, qw) if start is not None else None
+        for _ in range(cfg.refit_rounds - 1):
+            # GPTQ again (same order, same H^-1) under the last round's re-fitted scales, whose
+            # codes may then fit them better. It is greedy, so not always: each row keeps the
+            # round with its lowest output error (rows are independent given H; the zero
+            # points are the same in every round).
+            scales[:], zeros[:] = fitted.scales.float(), fitted.zeros.float()
+            codes, _ = _column_pass(
+                start.clone(), hinv, perm, scales, zeros, True, gs, cfg, scale_dtype
+            )
+            fitted = refit_scales(weight, hessian, replace(fitted, codes=codes), cfg.damp)
+            new_errors = row_errors(weight, hessian, fitted)
+            better = new_errors < errors
+            qw = replace(
+                qw,
+                codes=torch.where(better[:, None], fitted.codes, qw.codes),
+                scales=torch.where(better[:, None], fitted.scales, qw.scales),
+            )
+            errors = torch.where(better, new_errors, errors)
+    return qw, loss
+
+
+def _column_pass(
+    wt: torch.Tensor,
+    hinv: torch.Tensor,
+    perm: torch.Tensor,
+    scales: torch.Tensor,
+    zeros: torch.Tensor,
+    static: bool,
+    gs: int,
+    cfg: GPTQConfig,
+    scale_dtype: torch.dtype,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """GPTQ's pass over the columns of `wt` [in, out] (permuted columns as rows, updated in
+    place) with the upper Cholesky factor `hinv` of the permuted H^-1: the codes [out, in] in
+    the original column order, and each row's loss. Static groups read `scales`/`zeros`
+    [out, n_groups]; dynamic ones write them as each group starts."""
+    in_f, out_f = wt.shape
+    maxq = (1 << cfg.bits) - 1
     codes = torch.empty(out_f, in_f, dtype=torch.uint8, device=wt.device)
     losses = torch.zeros(out_f, device=wt.device)
     group_of = perm // gs  # group (original order) of each permuted column
@@ -291,31 +344,7 @@ def gptq_quantize(
             wt[i2:].addmm_(hinv[i1:i2, i2:].t(), err1, alpha=-1)
         codes[:, perm[i1:i2]] = q1.t().to(torch.uint8)
         losses += err1.pow(2).sum(dim=0) / 2
-
-    qw = QuantizedWeight(
-        codes=codes,
-        scales=scales.to(scale_dtype),
-        zeros=zeros.to(torch.uint8),
-        bits=cfg.bits,
-        group_size=gs,
-        symmetric=cfg.symmetric,
-    )
-    loss = float(losses.sum())
-    if cfg.refit:
-        qw = refit_scales(weight, hessian, qw, cfg.damp)
-        if cfg.refit_rounds > 1:
-            # GPTQ again under the re-fitted scales, whose codes may then fit them better. It
-            # is greedy, so not always: each row keeps the round with its lower output error
-            # (rows are independent given H; the zero points are the same in both).
-            again = replace(cfg, refit_rounds=cfg.refit_rounds - 1)
-            other, _ = gptq_quantize(weight, hessian, again, scale_dtype, (qw.scales, qw.zeros))
-            better = (row_errors(weight, hessian, other) < row_errors(weight, hessian, qw))[:, None]
-            qw = replace(
-                qw,
-                codes=torch.where(better, other.codes, qw.codes),
-                scales=torch.where(better, other.scales, qw.scales),
-            )
-    return qw, loss
+    return codes, losses
 
 
 def row_errors(weight: torch.Tensor, hessian: torch.Tensor, qw: QuantizedWeight) -> torch.Tensor:
