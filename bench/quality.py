@@ -57,6 +57,20 @@ METHODS = {
     "gptqnoact": ("gptq", {"act_order": False}),
     # Codes and scales alternated: GPTQ again under the re-fitted scales, then a second refit.
     "gptqrr2": ("gptq", {"refit_rounds": 2}),
+    # Coordinate descent on the codes after GPTQ (QuantEase), then a refit.
+    "gptqcd1": ("gptq", {"descent_passes": 1}),
+    "gptqd03": ("gptq", {"damp": 0.03}),
+    "gptqd10": ("gptq", {"damp": 0.1}),
+    "gptqd30": ("gptq", {"damp": 0.3}),
+    "gptqd10cd1": ("gptq", {"damp": 0.1, "descent_passes": 1}),
+    "gptqd10cd2": ("gptq", {"damp": 0.1, "descent_passes": 2}),
+    "gptqdpf07": ("gptq", {"damp_per_feature": 0.7}),
+    "gptqdpf035": ("gptq", {"damp_per_feature": 0.35}),
+    "awqdpf07": ("awq", {"damp_per_feature": 0.7}),
+    "gptqdpf07noawq": ("gptq", {"damp_per_feature": 0.7, "awq_scales": False}),
+    "gptqd10noawq": ("gptq", {"damp": 0.1, "awq_scales": False}),
+    "gptqcd2": ("gptq", {"descent_passes": 2}),
+    "gptqcd4": ("gptq", {"descent_passes": 4}),
 }
 DEFAULT = [f"{m}-{s}" for s in SCHEMES for m in ("rtn", "gptq", "awq")]
 

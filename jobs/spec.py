@@ -98,12 +98,26 @@ SearchTokens = Annotated[
 ]
 
 
+# GPTQ's damping per input feature per calibration token (quantcore.methods.gptq.data_damp).
+DAMP_PER_FEATURE = 0.7
+
+
 class GPTQOptions(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
     block_size: int = Field(default=128, ge=1, le=4096, description="Lazy-update block.")
     damp: float = Field(
-        default=0.01, gt=0, le=1, description="Damping, a fraction of the mean Hessian diagonal."
+        default=0.01,
+        gt=0,
+        le=1,
+        description="Damping, a fraction of the mean Hessian diagonal: the least used.",
+    )
+    damp_per_feature: float = Field(
+        default=DAMP_PER_FEATURE,
+        ge=0,
+        le=100,
+        description="Damp each Hessian at least this times its width over its calibration "
+        "tokens: thin data (few tokens per input feature) is damped more. 0: `damp` alone.",
     )
     act_order: bool = Field(
         default=True,
@@ -139,6 +153,14 @@ class GPTQOptions(BaseModel):
         "again; every row keeps its round with the lower output error. 2: about 1.3x the "
         "time, KL 1% lower on SmolLM2 (not significant over three seeds).",
     )
+    descent_passes: int = Field(
+        default=0,
+        ge=0,
+        le=8,
+        description="Passes of coordinate descent on the codes after GPTQ (QuantEase), each "
+        "code moved to its best grid point with the others held, then a refit. Lowers the "
+        "calibration loss; on SmolLM2 no better held-out (about +7 s a pass).",
+    )
     propagate: float = Field(
         default=0.0,
         ge=0,
@@ -167,6 +189,10 @@ class AWQOptions(BaseModel):
         default=True,
         description="After rounding, re-fit each row's group scales to its codes by least "
         "squares on the scaled inputs' Hessian.",
+    )
+    damp: float = Field(default=0.01, gt=0, le=1, description="The refit's damping, least.")
+    damp_per_feature: float = Field(
+        default=0.0, ge=0, le=100, description="As GPTQ's, for the refit's Hessian."
     )
 
 

@@ -44,7 +44,12 @@ from torch import nn
 
 from quantcore.methods.awq import accumulate_abs_mean, clip_ranges, clip_weight, search_scales
 from quantcore.methods.base import ModuleDone, QuantScheme, install_quantized, relative_error
-from quantcore.methods.gptq import accumulate_hessian, divide_by_scales_, refit_scales
+from quantcore.methods.gptq import (
+    accumulate_hessian,
+    data_damp,
+    divide_by_scales_,
+    refit_scales,
+)
 from quantcore.methods.rtn import quantize_rtn
 from quantcore.models.loading import linear_modules
 from quantcore.qtensor import QuantizedWeight
@@ -113,6 +118,7 @@ class _Recorder:
         # (to check that slicing its calls to fewer sequences slices them right).
         self.held_outputs: dict[str, torch.Tensor] = {}
         self._first_call = True
+        self._last_abs: tuple[torch.Tensor, tuple[torch.Tensor, int]] | None = None
         holders = {""}
         for name in linears:
             parts = name.split(".")
@@ -140,9 +146,13 @@ class _Recorder:
             if self._first_call:
                 self.first_input.setdefault(name, args[0])  # the object itself, for identity
             self.inputs[name].append(x)
-            self.abs_sum[name], self.count[name] = accumulate_abs_mean(
-                self.abs_sum[name], self.count[name], x
-            )
+            # Linears that read one tensor (q/k/v; gate/up) share its channel sums.
+            if self._last_abs is None or self._last_abs[0] is not args[0]:
+                self._last_abs = (args[0], accumulate_abs_mean(None, 0, x))
+            batch, n = self._last_abs[1]
+            total = self.abs_sum[name]
+            self.abs_sum[name] = batch.clone() if total is None else total + batch
+            self.count[name] += n
 
         return hook
 
@@ -167,6 +177,7 @@ class _Recorder:
     def remove(self) -> None:
         for h in self._handles:
             h.remove()
+        self._last_abs = None
 
     def release(self) -> None:
         """Drop the recorded tensors (inputs, module calls, first-call outputs); the per-channel
@@ -180,13 +191,13 @@ class _Recorder:
         return self.abs_sum[name] / self.count[name]
 
 
-def _scaled_hessian(inputs: list[torch.Tensor], s: torch.Tensor | None) -> torch.Tensor:
-    """2/n sum x x^T of recorded inputs, as the scaled block sees them (X / s)."""
+def _scaled_hessian(inputs: list[torch.Tensor], s: torch.Tensor | None) -> tuple[torch.Tensor, int]:
+    """2/n sum x x^T of recorded inputs, as the scaled block sees them (X / s), and n."""
     width = inputs[0].shape[-1]
     h, n = torch.zeros(width, width, device=inputs[0].device), 0
     for x in inputs:
         h, n = accumulate_hessian(h, n, x)
-    return h if s is None else divide_by_scales_(h, s)
+    return (h if s is None else divide_by_scales_(h, s)), n
 
 
 def _subsample(tensors: list[torch.Tensor], n: int) -> torch.Tensor:
@@ -317,8 +328,13 @@ class AWQ:
         search_tokens: int | None = 2048,
         search_stride: int = 5,
         refit: bool = True,
+        damp: float = 0.01,
+        damp_per_feature: float = 0.0,
     ):
         self.grid = grid
+        # The refit's damping, as GPTQ's (gptq.data_damp).
+        self.damp = damp
+        self.damp_per_feature = damp_per_feature
         # After rounding, each row's group scales are re-fitted to its codes by least squares
         # on the inputs' Hessian (gptq.refit_scales): the clip search picks one shrink per
         # group on its own, the refit weighs all of a row's groups together.
@@ -350,7 +366,7 @@ class AWQ:
         out: dict[str, QuantizedWeight] = {}
         member_scale = {n: s for g, s in zip(groups, scales, strict=True) for n in g.members}
         member_group = {n: g.members for g in groups for n in g.members}
-        hessians: dict[tuple[str, ...], torch.Tensor] = {}  # one per group (one input)
+        hessians: dict[tuple[str, ...], tuple[torch.Tensor, int]] = {}  # one per input
         for name, (lin, scheme) in modules.items():
             w = lin.weight.data.float()
             target = w
@@ -368,7 +384,9 @@ class AWQ:
                 group = member_group.get(name, (name,))
                 if group not in hessians:
                     hessians[group] = _scaled_hessian(rec.inputs[name], member_scale.get(name))
-                qw = refit_scales(target, hessians[group], qw, damp=0.01)
+                h, n = hessians[group]
+                damp = data_damp(self.damp, self.damp_per_feature, h.shape[0], n)
+                qw = refit_scales(target, h, qw, damp)
             err = install_quantized(lin, qw)
             out[name] = qw
             on_module(name, qw, err)

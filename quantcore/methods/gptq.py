@@ -24,15 +24,46 @@ class GPTQConfig:
     refit: bool = False  # re-fit each row's group scales to its codes by least squares on H
     # With refit: rounds of (GPTQ's codes under the scales, the scales re-fitted to the codes)
     refit_rounds: int = 1
+    # Passes of coordinate descent on the codes after GPTQ (descend_codes), each followed by
+    # a refit when `refit` is on
+    descent_passes: int = 0
+
+
+_SYRK_BLOCK = 384  # inputs at least twice this wide get H's upper blocks only
 
 
 def accumulate_hessian(h: torch.Tensor, n: int, x: torch.Tensor) -> tuple[torch.Tensor, int]:
     """Fold a batch of inputs `x` [..., in] into the running mean H = 2/n sum x x^T (fp32)."""
     x = x.reshape(-1, x.shape[-1]).float()
     b = x.shape[0]
-    # One fused update: no scaled copy of x, no [in, in] temporary.
-    h.addmm_(x.t(), x, beta=n / (n + b), alpha=2 / (n + b))
+    beta, alpha = n / (n + b), 2 / (n + b)
+    width = x.shape[1]
+    if width < 2 * _SYRK_BLOCK:
+        # One fused update: no scaled copy of x, no [in, in] temporary.
+        h.addmm_(x.t(), x, beta=beta, alpha=alpha)
+        return h, n + b
+    # H is symmetric: the blocks on and above the diagonal, then mirrored (a down_proj's
+    # 1536 wide in blocks of 384: 10 of 16 blocks' work, about 0.6x the time here).
+    edges = [width * i // (width // _SYRK_BLOCK) for i in range(width // _SYRK_BLOCK + 1)]
+    spans = [slice(a, e) for a, e in zip(edges, edges[1:], strict=False)]
+    for i, rows in enumerate(spans):
+        for cols in spans[i:]:
+            h[rows, cols].addmm_(x[:, rows].t(), x[:, cols], beta=beta, alpha=alpha)
+    for i, rows in enumerate(spans):
+        for cols in spans[i + 1 :]:
+            h[cols, rows] = h[rows, cols].t()
     return h, n + b
+
+
+def data_damp(floor: float, per_feature: float, in_features: int, tokens: int) -> float:
+    """GPTQ's damping (a fraction of the mean Hessian diagonal) for a Hessian estimated from
+    `tokens` inputs of width `in_features`: at least `floor`, and `per_feature * in / tokens`.
+    An estimate from few tokens per dimension has its small eigenvalues too small (the sample
+    spectrum spreads with in / tokens), and GPTQ then fits the calibration text's own
+    directions; the damping pulls those back toward plain rounding, more where data is thin."""
+    if tokens <= 0:
+        raise ValueError(f"a Hessian needs at least one token, got {tokens}")
+    return max(floor, per_feature * in_features / tokens)
 
 
 def damped(hessian: torch.Tensor, damp: float) -> torch.Tensor:
@@ -271,6 +302,10 @@ def gptq_quantize(
                 scales=torch.where(better[:, None], fitted.scales, qw.scales),
             )
             errors = torch.where(better, new_errors, errors)
+    if cfg.descent_passes:
+        qw = descend_codes(weight, hessian, qw, cfg.damp, cfg.descent_passes)
+        if cfg.refit:
+            qw = refit_scales(weight, hessian, qw, cfg.damp)
     return qw, loss
 
 
@@ -402,3 +437,62 @@ def refit_scales(
     better = (new > 0).all(dim=1) & (loss(new) < loss(qw.scales))
     scales = torch.where(better[:, None], new, qw.scales)
     return replace(qw, scales=scales)
+
+
+@torch.no_grad()
+def descend_codes(
+    weight: torch.Tensor,
+    hessian: torch.Tensor,
+    qw: QuantizedWeight,
+    damp: float,
+    passes: int = 1,
+    block_size: int = 128,
+) -> QuantizedWeight:
+    """Cyclic coordinate descent on the codes of `qw`, its scales and zero points kept: each
+    column in turn moves every row's code to the grid point nearest the minimum of the row's
+    loss (w - q)^T H (w - q) (H damped as GPTQ damps it) with the other codes held (Behdin
+    et al. 2023, QuantEase). The loss is a convex parabola in one code, so the nearest grid
+    point to its vertex is the best one and no step raises the loss. GPTQ's pass only looks
+    forward (a column's rounding error moves to the columns not yet rounded); this lets a
+    column answer the ones rounded after it.
+
+    In blocks of columns, as GPTQ's lazy updates: G = (W - Q) H for a block's columns is one
+    matmul at the block's start; inside the block a column's change reaches the next few
+    columns at once (rank 1) and the rest of the block after each short run (one matmul)."""
+    if qw.g_idx is not None:
+        raise ValueError("descend_codes needs contiguous groups (no g_idx)")
+    out_f, in_f = qw.codes.shape
+    maxq = (1 << qw.bits) - 1
+    h = damped(hessian, damp)
+    group = qw.group_index()
+    # Columns as rows (contiguous per column), as in the column pass.
+    st = qw.scales.float()[:, group].t().contiguous()  # [in, out]
+    ct = qw.codes.t().float()  # [in, out], a copy
+    dt = weight.float().t() - (ct - qw.zeros.float()[:, group].t()) * st  # W - Q
+    # The step to a column's vertex in code units: G / (H_jj s).
+    step = st.reciprocal().mul_(h.diagonal()[:, None].reciprocal())
+    cs, ss, steps = ct.unbind(0), st.unbind(0), step.unbind(0)
+    for _ in range(passes):
+        for i1 in range(0, in_f, block_size):
+            i2 = min(i1 + block_size, in_f)
+            nb = i2 - i1
+            g = h[i1:i2] @ dt  # [nb, out]: rows of (W - Q) H for the block's columns
+            hb = h[i1:i2, i1:i2]
+            new = torch.empty(nb, out_f, device=dt.device)  # the block's new codes
+            delta = torch.empty(nb, out_f, device=dt.device)  # and the changes of q
+            gs, news, deltas, hbs = g.unbind(0), new.unbind(0), delta.unbind(0), hb.unbind(1)
+            for j1 in range(0, nb, _RUN):
+                je = min(j1 + _RUN, nb)
+                for j in range(j1, je):
+                    col = i1 + j
+                    c = torch.addcmul(cs[col], gs[j], steps[col], out=news[j])
+                    c.round_().clamp_(0, maxq)
+                    torch.sub(c, cs[col], out=deltas[j]).mul_(ss[col])
+                    if j + 1 < je:
+                        g[j + 1 : je].addr_(hbs[j][j + 1 : je], deltas[j], alpha=-1)
+                if je < nb:
+                    g[je:].addmm_(hb[je:, j1:je], delta[j1:je], alpha=-1)
+            ct[i1:i2] = new
+            dt[i1:i2] -= delta
+    codes = ct.t().to(torch.uint8)
+    return replace(qw, codes=codes)

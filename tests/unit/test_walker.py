@@ -191,12 +191,14 @@ def test_gptq_is_true_sequential_and_beats_rtn(tiny_model_dir, tokenizer):
     assert gptq_first.output_error == pytest.approx(expected, rel=1e-3)
 
 
+@pytest.mark.parametrize("per_feature", [0.0, 2.0])
 def test_gptq_without_true_sequential_quantizes_each_input_on_its_own_hessian(
-    tiny_model_dir, tokenizer
+    tiny_model_dir, tokenizer, per_feature
 ):
     """`true_sequential=False`: one pass of the float block collects every Hessian, and the
     Linears are quantized by shared input (q/k/v; o; gate/up; down), each on its own input's
-    Hessian (they were once stacked into one weight whatever they read, and failed)."""
+    Hessian (they were once stacked into one weight whatever they read, and failed).
+    With `damp_per_feature`, each Hessian is damped by its width over its token count."""
     from quantcore.methods.gptq import GPTQConfig, accumulate_hessian, gptq_quantize
     from quantcore.methods.gptq_method import GPTQ
 
@@ -222,7 +224,13 @@ def test_gptq_without_true_sequential_quantizes_each_input_on_its_own_hessian(
 
             return super().quantize_block(block, modules, counted, on_module)
 
-    method = Counting(awq_scales=False, mse=False, refit=False, true_sequential=False)
+    method = Counting(
+        awq_scales=False,
+        mse=False,
+        refit=False,
+        true_sequential=False,
+        damp_per_feature=per_feature,
+    )
     m = AutoModelForCausalLM.from_pretrained(tiny_model_dir).eval()
     q = quantize_model(m, samples, method, SchemeMap(QuantScheme(4, 32, False)))
     assert len(q) == 14
@@ -231,11 +239,17 @@ def test_gptq_without_true_sequential_quantizes_each_input_on_its_own_hessian(
     h, n = torch.zeros(down.in_features, down.in_features), 0
     for x in inputs:
         h, n = accumulate_hessian(h, n, x)
-    expected, _ = gptq_quantize(down.weight.data, h, GPTQConfig(4, 32, False, act_order=True))
+    damp = max(0.01, per_feature * down.in_features / n)
+    assert n == samples.numel() and (damp > 0.1) == (per_feature > 0)
+    cfg = GPTQConfig(4, 32, False, act_order=True, damp=damp)
+    expected, _ = gptq_quantize(down.weight.data, h, cfg)
     got = q["model.layers.0.mlp.down_proj"]
     torch.testing.assert_close(got.scales, expected.scales)
     # The Hessian's sums run in another order: a code may round the other way, rarely.
     assert float((got.codes == expected.codes).float().mean()) > 0.99
+    if per_feature:  # and the damping mattered: the default's codes are not these
+        default, _ = gptq_quantize(down.weight.data, h, GPTQConfig(4, 32, False, act_order=True))
+        assert float((got.codes == default.codes).float().mean()) < 0.97
 
 
 @pytest.mark.parametrize("propagate", [0.0, 0.5])

@@ -1,0 +1,22 @@
+"""The job spec's method options are the methods' own: names the methods take, with their
+defaults, so a job that leaves an option out gets what the library gives (jobs may not import
+quantcore, so the defaults are written twice)."""
+
+from __future__ import annotations
+
+import inspect
+
+import pytest
+
+from jobs.spec import AWQOptions, GPTQOptions
+from quantcore.methods.awq_method import AWQ
+from quantcore.methods.gptq_method import GPTQ
+
+
+@pytest.mark.parametrize(("options", "method"), [(GPTQOptions, GPTQ), (AWQOptions, AWQ)])
+def test_spec_defaults_are_the_methods_defaults(options, method):
+    params = inspect.signature(method.__init__).parameters
+    defaults = {n: p.default for n, p in params.items() if n != "self"}
+    spec = options().model_dump()
+    assert set(spec) <= set(defaults), set(spec) - set(defaults)
+    assert spec == {n: defaults[n] for n in spec}
