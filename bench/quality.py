@@ -59,18 +59,11 @@ METHODS = {
     "gptqrr2": ("gptq", {"refit_rounds": 2}),
     # Coordinate descent on the codes after GPTQ (QuantEase), then a refit.
     "gptqcd1": ("gptq", {"descent_passes": 1}),
-    "gptqd03": ("gptq", {"damp": 0.03}),
-    "gptqd10": ("gptq", {"damp": 0.1}),
-    "gptqd30": ("gptq", {"damp": 0.3}),
-    "gptqd10cd1": ("gptq", {"damp": 0.1, "descent_passes": 1}),
-    "gptqd10cd2": ("gptq", {"damp": 0.1, "descent_passes": 2}),
-    "gptqdpf07": ("gptq", {"damp_per_feature": 0.7}),
-    "gptqdpf035": ("gptq", {"damp_per_feature": 0.35}),
-    "awqdpf07": ("awq", {"damp_per_feature": 0.7}),
-    "gptqdpf07noawq": ("gptq", {"damp_per_feature": 0.7, "awq_scales": False}),
-    "gptqd10noawq": ("gptq", {"damp": 0.1, "awq_scales": False}),
-    "gptqcd2": ("gptq", {"descent_passes": 2}),
-    "gptqcd4": ("gptq", {"descent_passes": 4}),
+    # Damping: GPTQ's usual fixed 0.01 (the default before damp_per_feature), a fixed 0.1.
+    "gptqd01": ("gptq", {"damp_per_feature": 0.0}),
+    "gptqd10": ("gptq", {"damp": 0.1, "damp_per_feature": 0.0}),
+    "gptqd10cd1": ("gptq", {"damp": 0.1, "damp_per_feature": 0.0, "descent_passes": 1}),
+    "awqd01": ("awq", {"damp_per_feature": 0.0}),
 }
 DEFAULT = [f"{m}-{s}" for s in SCHEMES for m in ("rtn", "gptq", "awq")]
 

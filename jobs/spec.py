@@ -192,7 +192,7 @@ class AWQOptions(BaseModel):
     )
     damp: float = Field(default=0.01, gt=0, le=1, description="The refit's damping, least.")
     damp_per_feature: float = Field(
-        default=0.0, ge=0, le=100, description="As GPTQ's, for the refit's Hessian."
+        default=DAMP_PER_FEATURE, ge=0, le=100, description="As GPTQ's, for the refit's Hessian."
     )
 
 

@@ -329,10 +329,11 @@ class AWQ:
         search_stride: int = 5,
         refit: bool = True,
         damp: float = 0.01,
-        damp_per_feature: float = 0.0,
+        damp_per_feature: float = 0.7,
     ):
         self.grid = grid
-        # The refit's damping, as GPTQ's (gptq.data_damp).
+        # The refit's damping, as GPTQ's (gptq.data_damp): on SmolLM2 w4 g64 asym over three
+        # seeds, +12.5% perplexity, KL 0.121, where 0.01 alone gave +13.4%, KL 0.125.
         self.damp = damp
         self.damp_per_feature = damp_per_feature
         # After rounding, each row's group scales are re-fitted to its codes by least squares
