@@ -39,11 +39,15 @@ SCHEMES = {
     "w8pcs": (8, -1, True),
 }
 # name -> (job method, method options). `gptq` is the product's default GPTQ (AWQ scales
-# first, MSE range search); `gptqplain` is textbook GPTQ, for the like-for-like row.
+# first, MSE range search, data-dependent damping); `gptqplain` is textbook GPTQ (damp 0.01),
+# for the like-for-like row.
 METHODS = {
     "rtn": ("rtn", {}),
     "gptq": ("gptq", {}),
-    "gptqplain": ("gptq", {"awq_scales": False, "mse": False, "refit": False}),
+    "gptqplain": (
+        "gptq",
+        {"awq_scales": False, "mse": False, "refit": False, "damp_per_feature": 0.0},
+    ),
     "awq": ("awq", {}),
     # Variants of the default: without the scale refit; with error propagation (GPTAQ/QEP).
     "gptqnorefit": ("gptq", {"refit": False}),
@@ -51,6 +55,7 @@ METHODS = {
     "gptqp50": ("gptq", {"propagate": 0.5}),
     # AWQ's scale search on the first 2048 calibration tokens (four sequences), not 512 (one).
     "gptqawq2k": ("gptq", {"awq_tokens": 2048}),
+    "gptqawq256": ("gptq", {"awq_tokens": 256}),
     # Every Hessian from the float block's recording pass (no true-sequential passes); and
     # columns in their own order with each group's range taken as GPTQ reaches it.
     "gptqnots": ("gptq", {"true_sequential": False}),
@@ -64,6 +69,11 @@ METHODS = {
     "gptqd10": ("gptq", {"damp": 0.1, "damp_per_feature": 0.0}),
     "gptqd10cd1": ("gptq", {"damp": 0.1, "damp_per_feature": 0.0, "descent_passes": 1}),
     "awqd01": ("awq", {"damp_per_feature": 0.0}),
+    # Duo scaling (AutoAWQ's, llm-compressor's default): s = mean|x|^a / w_mean^(1 - a).
+    "awqduo": ("awq", {"duo_scaling": "on"}),
+    "awqboth": ("awq", {"duo_scaling": "both"}),
+    "gptqduo": ("gptq", {"awq_duo": "on"}),
+    "gptqboth": ("gptq", {"awq_duo": "both"}),
 }
 DEFAULT = [f"{m}-{s}" for s in SCHEMES for m in ("rtn", "gptq", "awq")]
 
@@ -209,9 +219,9 @@ def main() -> None:
     print(
         f"SmolLM2-135M-Instruct, calibration {a.samples}x{a.seq_len} tokens, "
         f"evaluation {a.windows}x{a.seq_len} held-out tokens; GPTQ with act-order "
-        "(static groups), block 128, damp 0.01 (gptq: with AWQ scales, grid 20, and MSE range "
-        "search, scales re-fitted on H; gptqplain: none of these); AWQ grid 20 with clipping "
-        "and re-fitted scales"
+        "(static groups), block 128 (gptq: with AWQ scales, grid 20, and MSE range search, "
+        "scales re-fitted on H, damp max(0.01, 0.7 x width / tokens); gptqplain: none of "
+        "these, damp 0.01); AWQ grid 20 with clipping and re-fitted scales"
     )
     head = (
         f"{'config':<19}{'seed':>5}{'ppl base':>10}{'ppl quant':>11}{'change':>9}{'KL':>9}"

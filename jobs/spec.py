@@ -101,6 +101,15 @@ SearchTokens = Annotated[
 # GPTQ's damping per input feature per calibration token (quantcore.methods.gptq.data_damp).
 DAMP_PER_FEATURE = 0.7
 
+DuoScaling = Annotated[
+    Literal["off", "on", "both"],
+    Field(
+        description="AWQ's scales from the activations alone (off), divided by the weights' "
+        "group-relative means as AutoAWQ and llm-compressor do (on), or the better of the two "
+        "searches (both: twice the tries). On SmolLM2 the three are within seed noise.",
+    ),
+]
+
 
 class GPTQOptions(BaseModel):
     model_config = ConfigDict(extra="forbid")
@@ -140,6 +149,7 @@ class GPTQOptions(BaseModel):
     # GPTQ corrects what the scales leave: 512 tokens do as well as 2048 there
     # (bench/results/gptq-variants-cpu-2core.txt), and AWQ alone keeps 2048.
     awq_tokens: SearchTokens = 512
+    awq_duo: DuoScaling = "off"
     refit: bool = Field(
         default=True,
         description="After GPTQ chose the codes, re-fit each row's group scales to them by "
@@ -194,6 +204,7 @@ class AWQOptions(BaseModel):
     damp_per_feature: float = Field(
         default=DAMP_PER_FEATURE, ge=0, le=100, description="As GPTQ's, for the refit's Hessian."
     )
+    duo_scaling: DuoScaling = "off"
 
 
 def _compiles(pattern: str) -> str:

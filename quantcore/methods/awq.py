@@ -30,15 +30,53 @@ def accumulate_abs_mean(
     return (batch if total is None else total + batch), n + x.shape[0]
 
 
-def awq_scales(x_mean: torch.Tensor, alpha: float) -> torch.Tensor:
+def awq_scales(
+    x_mean: torch.Tensor, alpha: float, w_mean: torch.Tensor | None = None
+) -> torch.Tensor:
     """s = mean|x|^alpha per input channel, normalised so that sqrt(max(s) * min(s)) = 1.
+    With `w_mean` (weight_means: "duo" scaling, as AutoAWQ and llm-compressor do),
+    s = mean|x|^alpha / w_mean^(1 - alpha): channels whose weights are small relative to
+    their groups are scaled up even where their inputs are not large.
 
-    Channels that never fire are treated as 1e-6 of the largest so that s stays positive.
+    Channels that never fire (or whose weights are all zero) are treated as 1e-6 of the
+    largest so that s stays positive and finite.
     """
     x_mean = x_mean.float()
     floor = max(float(x_mean.max()) * 1e-6, 1e-12)
     s = x_mean.clamp_min(floor).pow(alpha)
+    if w_mean is not None:
+        w_mean = w_mean.float().to(s.device)
+        w_floor = max(float(w_mean.max()) * 1e-6, 1e-12)
+        s = s / w_mean.clamp_min(w_floor).pow(1 - alpha)
     return s / torch.sqrt(s.max() * s.min())
+
+
+def weight_means(
+    weights: Sequence[torch.Tensor], schemes: Sequence[QuantScheme | None]
+) -> torch.Tensor:
+    """Per input channel, the mean over every quantized row of |w| relative to the largest
+    |w| of its quantization group: how large a channel's weights are where rounding sees
+    them (the weight half of duo scaling). Weights with scheme None do not count."""
+    total, rows = None, 0
+    for w, scheme in zip(weights, schemes, strict=True):
+        if scheme is None:
+            continue
+        out_f, in_f = w.shape
+        gs = in_f if scheme.group_size == -1 else scheme.group_size
+        a = w.float().abs()
+        if in_f % gs == 0:
+            g = a.view(out_f, in_f // gs, gs)
+            a = (g / g.amax(dim=2, keepdim=True).clamp_min(1e-12)).view(out_f, in_f)
+        else:  # a short last group: per group, column slices
+            for start in range(0, in_f, gs):
+                part = a[:, start : start + gs]
+                part.div_(part.amax(dim=1, keepdim=True).clamp_min(1e-12))
+        col = a.sum(dim=0)
+        total = col if total is None else total + col
+        rows += out_f
+    if total is None:
+        raise ValueError("weight_means needs at least one weight with a scheme")
+    return total / rows
 
 
 def fake_quantize(
@@ -70,6 +108,10 @@ class ScaleSearch:
     scales: torch.Tensor  # [in], fp32
     losses: tuple[float, ...]  # one per grid point, in grid order
     alphas: tuple[float, ...]
+    duo: bool = False  # the scales divide by the weights' means (awq_scales' w_mean)
+
+
+DUO_MODES = ("off", "on", "both")
 
 
 def alpha_grid(n: int) -> tuple[float, ...]:
@@ -87,6 +129,7 @@ def search_scales(
     grid: int = 20,
     scale_dtype: torch.dtype | None = None,
     stride: int = 1,
+    duo: str = "off",
 ) -> ScaleSearch:
     """Choose alpha for a group of weights [out_i, in] that read one input with per-channel
     mean |x| `x_mean` [in].
@@ -99,16 +142,23 @@ def search_scales(
     `stride` > 1 tries every stride-th grid point (and the last), then refines around the
     best with halving steps (strided_argmin): 9 tries instead of 20 at stride 5.
     Points not tried have loss NaN.
+
+    `duo` "on" searches s = mean|x|^alpha / w_mean^(1 - alpha) (awq_scales with
+    weight_means) instead, plus alpha 0 of the plain family (plain rounding); "both" searches
+    both families and keeps the better (twice the tries). The losses are the chosen family's.
     """
+    if duo not in DUO_MODES:
+        raise ValueError(f"duo must be one of {', '.join(DUO_MODES)}, got {duo!r}")
     alphas = alpha_grid(grid)
+    w_mean = weight_means(weights, schemes) if duo != "off" else None
     # One fp32 buffer per rounded weight, reused by every exponent tried.
     buffers = [
         None if scheme is None else torch.empty(w.shape, device=w.device)
         for w, scheme in zip(weights, schemes, strict=True)
     ]
 
-    def at(i: int) -> float:
-        s = awq_scales(x_mean, alphas[i]).to(weights[0].device)
+    def evaluate(s: torch.Tensor) -> float:
+        s = s.to(weights[0].device)
         candidates = []
         for w, scheme, buf in zip(weights, schemes, buffers, strict=True):
             if buf is None:
@@ -118,9 +168,20 @@ def search_scales(
                 candidates.append(fake_quantize_(buf, scheme, scale_dtype or w.dtype).div_(s))
         return float(loss(candidates))
 
-    best, tried = strided_argmin(grid, at, stride)
+    results = []  # (loss, alpha index, family's w_mean, every loss tried)
+    families = {"off": [None], "on": [w_mean], "both": [None, w_mean]}[duo]
+    for wm in families:
+        best, tried = strided_argmin(
+            grid, lambda i, wm=wm: evaluate(awq_scales(x_mean, alphas[i], wm)), stride
+        )
+        results.append((tried[best], best, wm, tried))
+    if duo == "on":  # plain rounding (s = 1) is always a candidate
+        plain = evaluate(torch.ones_like(x_mean, dtype=torch.float32))
+        results.insert(0, (plain, 0, None, {0: plain}))
+    loss_min, best, wm, tried = min(results, key=lambda r: r[0])  # the first on ties
     losses = tuple(tried.get(i, float("nan")) for i in range(grid))
-    return ScaleSearch(alphas[best], awq_scales(x_mean, alphas[best]), losses, alphas)
+    scales = awq_scales(x_mean, alphas[best], wm)
+    return ScaleSearch(alphas[best], scales, losses, alphas, wm is not None)
 
 
 def strided_argmin(

@@ -15,6 +15,7 @@ from quantcore.methods.awq import (
     clip_weight,
     fake_quantize,
     search_scales,
+    weight_means,
 )
 from quantcore.methods.awq_method import AWQ, fold_scales, search_calls
 from quantcore.methods.base import QuantScheme, SchemeMap
@@ -74,6 +75,23 @@ def test_searched_scales_fold_exactly_into_norms_and_linears(tiny_model_dir, tok
     # ...and the model computes the same function.
     after = model(input_ids=ids).logits
     torch.testing.assert_close(after, before, rtol=1e-4, atol=1e-4)
+
+
+@torch.no_grad()
+def test_duo_scales_fold_exactly_too(tiny_model_dir, tokenizer):
+    model = _fresh(tiny_model_dir)
+    ids = calibration_samples(tokenizer, "wiki-excerpt", 2, 64, seed=1)
+    before = model(input_ids=ids).logits
+    block = decoder_layers(model)[1][0]
+    modules = {n: (lin, W3G32) for n, lin in linear_modules(block).items()}
+    awq = AWQ(duo_scaling="on")
+    groups, scales, _ = awq.scale_block(block, modules, lambda: model(input_ids=ids))
+    folded = [g for g in groups if g.fold is not None]
+    assert folded and all(g.duo for g in folded if g.alpha == 0)
+    assert any(g.duo for g in folded)
+    torch.testing.assert_close(model(input_ids=ids).logits, before, rtol=1e-4, atol=1e-4)
+    with pytest.raises(ValueError, match="duo_scaling"):
+        AWQ(duo_scaling="yes")
 
 
 @pytest.mark.parametrize(
@@ -363,6 +381,72 @@ def test_a_strided_search_finds_a_smooth_curves_minimum_in_fewer_tries():
     assert odd.alpha == odd.alphas[min(tried, key=lambda i: (tried[i], i))]
     with pytest.raises(ValueError, match="stride"):
         search_scales(x.abs().mean(0), [w], [W3G32], loss, grid=10, stride=0)
+
+
+@pytest.mark.parametrize("group_size", [16, 24, -1])
+def test_weight_means_match_a_plain_loop(group_size):
+    g = torch.Generator().manual_seed(4)
+    a, b = torch.randn(6, 40, generator=g), torch.randn(3, 40, generator=g)
+    b[1] = 0  # an all-zero row counts as zeros
+    schemes = [QuantScheme(4, group_size, False)] * 2
+    expected = torch.zeros(40)
+    for w in (a, b):
+        for row in w:
+            gs = 40 if group_size == -1 else group_size
+            for start in range(0, 40, gs):
+                part = row[start : start + gs].abs()
+                top = float(part.max())
+                for j, v in enumerate(part):
+                    expected[start + j] += float(v) / top if top > 0 else 0.0
+    torch.testing.assert_close(weight_means([a, b], schemes), expected / 9)
+    # A weight that is not quantized does not count.
+    torch.testing.assert_close(
+        weight_means([a, b], [schemes[0], None]), weight_means([a], schemes[:1])
+    )
+
+
+def test_duo_scales_divide_by_the_weights_means():
+    x_mean = torch.tensor([0.5, 2.0, 8.0, 1.0])
+    w_mean = torch.tensor([0.9, 0.2, 0.5, 0.0])  # the last: a channel whose weights are zero
+    for alpha in (0.0, 0.25, 1.0):
+        s = awq_scales(x_mean, alpha, w_mean)
+        raw = x_mean.pow(alpha) / w_mean.clamp_min(0.9e-6).pow(1 - alpha)
+        torch.testing.assert_close(s, raw / torch.sqrt(raw.max() * raw.min()))
+        assert bool(torch.isfinite(s).all() and (s > 0).all())
+    # alpha 1 ignores the weights.
+    torch.testing.assert_close(awq_scales(x_mean, 1.0, w_mean), awq_scales(x_mean, 1.0))
+
+
+def test_duo_searches_are_never_worse_than_plain_rounding_or_either_family():
+    g = torch.Generator().manual_seed(5)
+    x = torch.randn(256, 64, generator=g)
+    x[:, [2, 30]] *= 25
+    w = torch.randn(24, 64, generator=g)
+    w[:, 10:20] *= 0.05  # channels with small weights: what the weight half of duo sees
+    ref = x @ w.t()
+
+    def loss(candidates):
+        return float((x @ candidates[0].t() - ref).pow(2).mean())
+
+    x_mean = x.abs().mean(0)
+    off = search_scales(x_mean, [w], [W3G32], loss, grid=20)
+    on = search_scales(x_mean, [w], [W3G32], loss, grid=20, duo="on")
+    both = search_scales(x_mean, [w], [W3G32], loss, grid=20, duo="both")
+    plain = loss([fake_quantize(w, W3G32)])
+
+    def achieved(found):
+        folded = (x / found.scales) @ fake_quantize(w * found.scales, W3G32).t()
+        return float((folded - ref).pow(2).mean())
+
+    assert not off.duo
+    for found in (on, both):
+        assert achieved(found) <= plain * (1 + 1e-5)
+        if found.duo:
+            w_mean = weight_means([w], [W3G32])
+            torch.testing.assert_close(found.scales, awq_scales(x_mean, found.alpha, w_mean))
+    assert achieved(both) <= min(achieved(off), achieved(on)) * (1 + 1e-5)
+    with pytest.raises(ValueError, match="duo"):
+        search_scales(x_mean, [w], [W3G32], loss, grid=20, duo="yes")
 
 
 @pytest.mark.parametrize(
