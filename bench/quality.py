@@ -55,7 +55,6 @@ METHODS = {
     "gptqp50": ("gptq", {"propagate": 0.5}),
     # AWQ's scale search on the first 2048 calibration tokens (four sequences), not 512 (one).
     "gptqawq2k": ("gptq", {"awq_tokens": 2048}),
-    "gptqawq256": ("gptq", {"awq_tokens": 256}),
     # Every Hessian from the float block's recording pass (no true-sequential passes); and
     # columns in their own order with each group's range taken as GPTQ reaches it.
     "gptqnots": ("gptq", {"true_sequential": False}),
