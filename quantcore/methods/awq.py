@@ -61,19 +61,13 @@ def weight_means(
     for w, scheme in zip(weights, schemes, strict=True):
         if scheme is None:
             continue
-        out_f, in_f = w.shape
-        gs = in_f if scheme.group_size == -1 else scheme.group_size
         a = w.float().abs()
-        if in_f % gs == 0:
-            g = a.view(out_f, in_f // gs, gs)
-            a = (g / g.amax(dim=2, keepdim=True).clamp_min(1e-12)).view(out_f, in_f)
-        else:  # a short last group: per group, column slices
-            for start in range(0, in_f, gs):
-                part = a[:, start : start + gs]
-                part.div_(part.amax(dim=1, keepdim=True).clamp_min(1e-12))
+        for cols in _group_slices(w.shape[1], scheme.group_size):
+            part = a[:, cols]
+            part.div_(part.amax(dim=1, keepdim=True).clamp_min(1e-12))
         col = a.sum(dim=0)
         total = col if total is None else total + col
-        rows += out_f
+        rows += w.shape[0]
     if total is None:
         raise ValueError("weight_means needs at least one weight with a scheme")
     return total / rows
@@ -178,7 +172,7 @@ def search_scales(
     if duo == "on":  # plain rounding (s = 1) is always a candidate
         plain = evaluate(torch.ones_like(x_mean, dtype=torch.float32))
         results.insert(0, (plain, 0, None, {0: plain}))
-    loss_min, best, wm, tried = min(results, key=lambda r: r[0])  # the first on ties
+    _, best, wm, tried = min(results, key=lambda r: r[0])  # the first on ties
     losses = tuple(tried.get(i, float("nan")) for i in range(grid))
     scales = awq_scales(x_mean, alphas[best], wm)
     return ScaleSearch(alphas[best], scales, losses, alphas, wm is not None)

@@ -231,7 +231,8 @@ class GPTQ:
         damp_per_feature: float = 0.7,
         awq_duo: str = "off",
     ):
-        self.awq_duo = awq_duo
+        # Built once (it checks its options here); each block's scale search reuses it.
+        self._awq = AWQ(grid=awq_grid, clip=False, search_tokens=awq_tokens, duo_scaling=awq_duo)
         if damp_per_feature < 0:
             raise ValueError(f"damp_per_feature must be at least 0, got {damp_per_feature}")
         self.damp_per_feature = damp_per_feature
@@ -251,8 +252,6 @@ class GPTQ:
         self.mse = mse
         self.true_sequential = true_sequential
         self.awq_scales = awq_scales
-        self.awq_grid = awq_grid
-        self.awq_tokens = awq_tokens
 
     def config(self, scheme: QuantScheme, in_features: int, tokens: int) -> GPTQConfig:
         """GPTQ's settings for one Hessian of `in_features` estimated from `tokens` inputs."""
@@ -292,13 +291,7 @@ class GPTQ:
             # AWQ's activation-aware channel scales, folded into the producing norm or Linear
             # (the float block is unchanged); GPTQ then rounds the scaled weights, whose
             # inputs are X / s: their Hessian is H / (s s^T), no pass needed to collect it.
-            awq = AWQ(
-                grid=self.awq_grid,
-                clip=False,
-                search_tokens=self.awq_tokens,
-                duo_scaling=self.awq_duo,
-            )
-            groups, scales, _ = awq.scale_block(
+            groups, scales, _ = self._awq.scale_block(
                 block, modules, forward, watch=lambda: order.attach().remove, keep_inputs=False
             )
             for g, s in zip(groups, scales, strict=True):
