@@ -25,7 +25,14 @@ from api.dashboard.identity import Viewer
 from api.deps import SessionDep
 from jobs import lifecycle
 from jobs.models import Job
-from jobs.spec import CALIBRATION_DATASETS, GROUP_SIZES, METHOD_BITS, PRIORITIES, Method
+from jobs.spec import (
+    CALIBRATION_DATASETS,
+    FORWARD_DTYPES,
+    GROUP_SIZES,
+    METHOD_BITS,
+    PRIORITIES,
+    Method,
+)
 from jobs.states import TERMINAL, State
 
 HERE = Path(__file__).parent / "dashboard"
@@ -239,6 +246,7 @@ def submit_page(request: Request, viewer: ViewerDep) -> Response:
         bits={m.value: list(b) for m, b in METHOD_BITS.items()},
         group_sizes=list(GROUP_SIZES),
         datasets=list(CALIBRATION_DATASETS),
+        forward_dtypes=list(FORWARD_DTYPES),
         priorities=list(PRIORITIES),
     )
 

@@ -73,6 +73,11 @@ METHODS = {
     "awqboth": ("awq", {"duo_scaling": "both"}),
     "gptqduo": ("gptq", {"awq_duo": "on"}),
     "gptqboth": ("gptq", {"awq_duo": "both"}),
+    # Calibration forwards in float32 throughout (the default, "auto", runs their matmuls in
+    # bfloat16 on a CPU with AVX512-BF16; quantcore.precision). Not a method option: run_one
+    # moves it into the calibration settings.
+    "gptqf32": ("gptq", {"forward_dtype": "float32"}),
+    "awqf32": ("awq", {"forward_dtype": "float32"}),
 }
 DEFAULT = [f"{m}-{s}" for s in SCHEMES for m in ("rtn", "gptq", "awq")]
 
@@ -102,6 +107,8 @@ def run_one(
 
     name, scheme = config.split("-", 1)
     method, options = METHODS[name]
+    options = dict(options)
+    forward_dtype = options.pop("forward_dtype", "auto")
     bits, group, sym = SCHEMES[scheme]
     smollm2.prepare(Path(constants.HF_HUB_CACHE))
     req = QuantizeRequest(
@@ -110,7 +117,9 @@ def run_one(
         bits=bits,
         group_size=group,
         symmetric=sym,
-        calibration=Calibration(n_samples=samples, seq_len=seq_len, seed=seed),
+        calibration=Calibration(
+            n_samples=samples, seq_len=seq_len, seed=seed, forward_dtype=forward_dtype
+        ),
         ignore=("lm_head",),
         method_options=options,
     )

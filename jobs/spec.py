@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import re
 from enum import StrEnum
-from typing import Annotated, Literal
+from typing import Annotated, Literal, get_args
 
 from pydantic import (
     BaseModel,
@@ -31,6 +31,9 @@ BUILTIN_DATASETS = ("wiki-excerpt",)
 HUB_DATASETS = ("wikitext2", "c4", "pileval")
 CALIBRATION_DATASETS = (*BUILTIN_DATASETS, *HUB_DATASETS, "file", "upload")
 PRIORITIES = ("high", "default", "low")
+# The dtype of a float32 model's calibration matmuls (quantcore.precision.FORWARD_DTYPES).
+ForwardDtype = Literal["auto", "float32", "bfloat16"]
+FORWARD_DTYPES: tuple[str, ...] = get_args(ForwardDtype)
 
 _LABEL_KEY = re.compile(r"^[a-z0-9]([a-z0-9._/-]{0,61}[a-z0-9])?$")
 _MODEL_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*(/[A-Za-z0-9][A-Za-z0-9._-]*)?$")
@@ -57,6 +60,13 @@ class CalibrationSpec(BaseModel):
     n_samples: int = Field(default=32, ge=1, le=4096)
     seq_len: int = Field(default=512, ge=16, le=32768)
     seed: int = Field(default=0, ge=0)
+    forward_dtype: ForwardDtype = Field(
+        default="auto",
+        description="The dtype a float32 model's calibration passes run their matmuls in; "
+        "weights, Hessians and the methods' math stay float32. auto: bfloat16 where the "
+        "worker's device multiplies bfloat16 natively (CUDA sm_80+, CPUs with AVX512-BF16 or "
+        "AMX), else float32. A bfloat16 or float16 model runs in its own dtype.",
+    )
 
     @field_validator("dataset")
     @classmethod

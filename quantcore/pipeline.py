@@ -16,6 +16,7 @@ from pathlib import Path
 
 import torch
 
+from quantcore import precision
 from quantcore.artifact import write_artifact, write_model_card
 from quantcore.checkpoint import LayerCheckpoint
 from quantcore.data.datasets import BUILTIN, calibration_samples, check_source, evaluation_tokens
@@ -35,7 +36,9 @@ METHODS: dict[str, Callable[..., LayerMethod]] = {"rtn": RTN, "gptq": GPTQ, "awq
 @dataclass(frozen=True)
 class Calibration:
     """Where calibration text comes from: a built-in or Hub dataset name, or `file` with a
-    `path` to a .txt or .jsonl file (`text_field` names the JSONL key)."""
+    `path` to a .txt or .jsonl file (`text_field` names the JSONL key). `forward_dtype`: the
+    dtype a float32 model's calibration passes run their matmuls in (quantcore.precision):
+    "auto" (bfloat16 where the device has fast bfloat16 matmuls), "float32" or "bfloat16"."""
 
     dataset: str = BUILTIN
     n_samples: int = 32
@@ -43,6 +46,7 @@ class Calibration:
     seed: int = 0
     path: str | None = None
     text_field: str = "text"
+    forward_dtype: str = "auto"
 
 
 @dataclass(frozen=True)
@@ -118,9 +122,12 @@ class RunResult:
         return asdict(self)
 
 
-def request_key(req: QuantizeRequest) -> str:
-    """A digest of everything that determines the result: checkpoints are only reused for it."""
-    return hashlib.sha256(json.dumps(asdict(req), sort_keys=True, default=str).encode()).hexdigest()
+def request_key(req: QuantizeRequest, device: str | torch.device = "cpu") -> str:
+    """A digest of everything that determines the result on `device`, checkpoints are only
+    reused for it: the request, and what its forward dtype resolves to there."""
+    forward = precision.resolve(req.calibration.forward_dtype, device)
+    what = {"request": asdict(req), "forward_dtype": str(forward)}
+    return hashlib.sha256(json.dumps(what, sort_keys=True, default=str).encode()).hexdigest()
 
 
 BITS = (2, 3, 4, 8)  # the widths with a packed int32 layout
@@ -153,6 +160,7 @@ def _check(req: QuantizeRequest) -> None:
         _check_scheme(f"overrides[{i}] ({o.pattern!r})", o.bits, o.group_size)
     cal = req.calibration
     check_source(cal.dataset, cal.path, cal.n_samples, cal.seq_len)
+    precision.resolve(cal.forward_dtype, "cpu")  # names a bad value before anything loads
 
 
 def scheme_map(req: QuantizeRequest) -> SchemeMap:
@@ -238,6 +246,13 @@ def quantize(
         samples = torch.empty(0, cal.seq_len, dtype=torch.long)
         on_progress(Progress("calibrate", 1, 1, f"{req.method} is data-free: no calibration"))
     phase_done("calibrate")
+    forward = None
+    if method.needs_calibration:
+        if lazy.dtype == torch.float32:
+            forward = precision.resolve(cal.forward_dtype, device)
+        name = str(forward or lazy.dtype).removeprefix("torch.")
+        how = f"{name} matmuls, float32 statistics" if forward is not None else name
+        on_progress(Progress("calibrate", 1, 1, f"calibration forwards in {how}"))
 
     def module_progress(e: ModuleEvent) -> None:
         on_progress(
@@ -269,7 +284,7 @@ def quantize(
     spill = None
     if checkpoint is None:
         spill = tempfile.mkdtemp(prefix="qf-layers-")
-        checkpoint = LayerCheckpoint(Path(spill), request_key(req))
+        checkpoint = LayerCheckpoint(Path(spill), request_key(req, device))
     try:
         result = walk(
             lazy,
@@ -281,6 +296,7 @@ def quantize(
             on_layer=layer_progress,
             should_cancel=should_cancel,
             checkpoint=checkpoint,
+            forward_dtype=forward,
         )
     except BaseException:
         if spill is not None:
@@ -309,7 +325,7 @@ def run(
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")
     checkpoint = None
     if checkpoint_dir is not None:
-        checkpoint = LayerCheckpoint(checkpoint_dir, request_key(req))
+        checkpoint = LayerCheckpoint(checkpoint_dir, request_key(req, device))
     q = quantize(req, on_progress, should_cancel, device, checkpoint)
     snapshot, quantized, replaced, num_layers = q.snapshot, q.quantized, q.replaced, q.num_layers
     seconds = dict(q.seconds)

@@ -17,6 +17,7 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
+from quantcore import precision
 from quantcore.checkpoint import LayerCheckpoint
 from quantcore.errors import CancelledError
 from quantcore.methods.base import LayerMethod, SchemeMap
@@ -168,6 +169,21 @@ def _run_batches(
     stop_after: Collection[nn.Module],
     frozen: FrozenOutputs | None,
 ) -> list[torch.Tensor] | None:
+    if not batches:
+        return [] if not stop_after else None
+    weight = next(block.parameters(), None)
+    with precision.module_runs(
+        batches[0].hidden.device, weight.dtype if weight is not None else torch.float32
+    ):
+        return _run_each(block, batches, stop_after, frozen)
+
+
+def _run_each(
+    block: nn.Module,
+    batches: list[_Batch],
+    stop_after: Collection[nn.Module],
+    frozen: FrozenOutputs | None,
+) -> list[torch.Tensor] | None:
     if not stop_after:
         outs = []
         for i, x in enumerate(batches):
@@ -212,6 +228,7 @@ def quantize_model(
     on_layer: Callable[[LayerEvent], None] | None = None,
     should_cancel: Callable[[], bool] | None = None,
     checkpoint: LayerCheckpoint | None = None,
+    forward_dtype: torch.dtype | None = None,
 ) -> Mapping[str, QuantizedWeight]:
     """`walk`'s quantized weights by full module name (see `walk`)."""
     return walk(
@@ -225,6 +242,7 @@ def quantize_model(
         on_layer=on_layer,
         should_cancel=should_cancel,
         checkpoint=checkpoint,
+        forward_dtype=forward_dtype,
     ).quantized
 
 
@@ -241,6 +259,7 @@ def walk(
     on_layer: Callable[[LayerEvent], None] | None = None,
     should_cancel: Callable[[], bool] | None = None,
     checkpoint: LayerCheckpoint | None = None,
+    forward_dtype: torch.dtype | None = None,
 ) -> WalkResult:
     """Quantize every decoder-block Linear that `schemes` selects.
 
@@ -256,6 +275,10 @@ def walk(
     With a `checkpoint`, each finished layer (quantized weights, changed floats, the next
     layer's inputs) is saved, layers an earlier run finished are restored instead of being
     quantized again, and the returned quantized weights are read from its files on access.
+
+    With `forward_dtype` (bfloat16), a float32 model's calibration passes run their matmuls
+    under autocast to it; everything the methods compute from them stays float32
+    (quantcore.precision).
     """
     lazy = model if isinstance(model, LazyModel) else None
     module = lazy.model if lazy is not None else model
@@ -298,9 +321,10 @@ def walk(
         else:
             block.to(device)
         before = _unquantized_tensors(block, name, schemes)
-        quantized, err, floats = _quantize_block(
-            block, name, i + 1, n, batches, method, schemes, on_module, floats
-        )
+        with precision.forward_dtype(forward_dtype):
+            quantized, err, floats = _quantize_block(
+                block, name, i + 1, n, batches, method, schemes, on_module, floats
+            )
         quantized = {f"{name}.{k}": qw.to("cpu") for k, qw in quantized.items()}
         changed = _changed(block, name, before, lazy)
         replaced.update(changed)

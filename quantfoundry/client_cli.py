@@ -213,6 +213,10 @@ def register(app: typer.Typer) -> None:
         symmetric: Annotated[bool | None, typer.Option("--sym/--asym")] = None,
         samples: Annotated[int | None, typer.Option(help="Calibration samples.")] = None,
         seq_len: Annotated[int | None, typer.Option(help="Calibration sequence length.")] = None,
+        forward_dtype: Annotated[
+            str | None,
+            typer.Option(help="Calibration matmuls: auto, float32 or bfloat16."),
+        ] = None,
         priority: Annotated[str | None, typer.Option(help="high, default or low.")] = None,
         max_ppl_increase: Annotated[
             float | None, typer.Option(help="Quality gate: most perplexity rise, percent.")
@@ -243,6 +247,7 @@ def register(app: typer.Typer) -> None:
                 "priority": priority,
                 "calibration.n_samples": samples,
                 "calibration.seq_len": seq_len,
+                "calibration.forward_dtype": forward_dtype,
                 "quality_gate.max_ppl_increase_pct": max_ppl_increase,
             },
             label,

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import json
-from dataclasses import asdict
+from dataclasses import asdict, replace
 from pathlib import Path
 from typing import Annotated, Any
 
@@ -69,6 +69,13 @@ def register(app: typer.Typer) -> None:
         samples: Annotated[int, typer.Option(help="Calibration samples.")] = 32,
         seq_len: Annotated[int, typer.Option(help="Calibration sequence length.")] = 512,
         seed: int = 0,
+        forward_dtype: Annotated[
+            str,
+            typer.Option(
+                help="Calibration matmuls of a float32 model: auto (bfloat16 where the device "
+                "multiplies it natively), float32 or bfloat16."
+            ),
+        ] = "auto",
         calibration_file: Annotated[
             Path | None, typer.Option(help="A .txt or .jsonl calibration file.")
         ] = None,
@@ -87,9 +94,11 @@ def register(app: typer.Typer) -> None:
         from quantcore.errors import QuantcoreError
         from quantcore.pipeline import Calibration, Evaluation, QuantizeRequest, run
 
-        cal = Calibration(n_samples=samples, seq_len=seq_len, seed=seed)
+        cal = Calibration(
+            n_samples=samples, seq_len=seq_len, seed=seed, forward_dtype=forward_dtype
+        )
         if calibration_file is not None:
-            cal = Calibration("file", samples, seq_len, seed, path=str(calibration_file))
+            cal = replace(cal, dataset="file", path=str(calibration_file))
         req = QuantizeRequest(
             model_id=model,
             revision=revision,

@@ -42,6 +42,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
+from quantcore import precision
 from quantcore.methods.awq import (
     DUO_MODES,
     accumulate_abs_mean,
@@ -106,6 +107,18 @@ def _common_parent(names: tuple[str, ...]) -> str:
             break
         common.append(level[0])
     return ".".join(common)
+
+
+class _PrecisionRun:
+    """A module run in the walk's forward dtype (quantcore.precision), as the recording pass
+    ran it, so the scale search compares like with like."""
+
+    def __init__(self, module: nn.Module, weight: torch.Tensor):
+        self.module, self.weight = module, weight
+
+    def __call__(self, *args, **kwargs):
+        with precision.module_runs(self.weight.device, self.weight.dtype):
+            return self.module(*args, **kwargs)
 
 
 class _Recorder:
@@ -443,6 +456,10 @@ class AWQ:
         # The folds are checked on the block's first call: a fold that is not exact changes
         # every sequence's outputs, so one sequence shows it at a fraction of a full pass.
         first_call, reference = rec.calls[""][0], rec.block_outputs[0]
+        if precision.active() is not None:
+            # The recording pass ran under autocast, whose rounding depends on the weights:
+            # the check compares float32 runs.
+            reference = _first(block(*first_call[0], **first_call[1]))
 
         groups = self._groups(block, linears, rec)
         scales: list[torch.Tensor | None] = []
@@ -541,7 +558,7 @@ class AWQ:
     def _search(self, block: nn.Module, g: GroupResult, schemes, rec: _Recorder):
         members = [block.get_submodule(n) for n in g.members]
         originals = [m.weight.data.clone() for m in members]
-        inspected = block.get_submodule(g.inspected)
+        inspected = _PrecisionRun(block.get_submodule(g.inspected), members[0].weight)
         full = rec.calls[g.inspected]
         calls = search_calls(full, self.search_tokens)
         cut = calls[0] is not full[0]

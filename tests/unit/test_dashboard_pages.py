@@ -90,6 +90,10 @@ def test_submit_token_is_offered_the_form_and_actions(env):
     assert 'id="nav-submit"' in client.get("/dashboard").text
     form = client.get("/dashboard/submit").text
     assert 'data-error-for="bits"' in form and 'data-error-for="calibration.n_samples"' in form
+    # Every forward dtype the spec takes, "auto" chosen.
+    assert 'name="calibration.forward_dtype"' in form
+    options = "<option selected>auto</option><option >float32</option><option >bfloat16</option>"
+    assert options in form
     assert 'id="cancel"' in client.get(f"/dashboard/jobs/{queued}").text
     page = client.get(f"/dashboard/jobs/{failed}").text
     assert 'id="retry"' in page and "missed the job&#39;s quality gate" in page

@@ -20,3 +20,15 @@ def test_spec_defaults_are_the_methods_defaults(options, method):
     spec = options().model_dump()
     assert set(spec) <= set(defaults), set(spec) - set(defaults)
     assert spec == {n: defaults[n] for n in spec}
+
+
+def test_spec_forward_dtypes_are_the_pipelines():
+    from typing import get_args
+
+    from jobs.spec import CalibrationSpec
+    from quantcore.pipeline import Calibration
+    from quantcore.precision import FORWARD_DTYPES
+
+    field = CalibrationSpec.model_fields["forward_dtype"]
+    assert get_args(field.annotation) == FORWARD_DTYPES
+    assert field.default == Calibration().forward_dtype == "auto"

@@ -252,8 +252,12 @@ def test_gptq_without_true_sequential_quantizes_each_input_on_its_own_hessian(
         assert float((got.codes == default.codes).float().mean()) < 0.97
 
 
-@pytest.mark.parametrize("propagate", [0.0, 0.5])
-def test_killed_run_resumes_bit_identical(tiny_model_dir, tokenizer, tmp_path, propagate):
+@pytest.mark.parametrize(
+    ("propagate", "forward_dtype"), [(0.0, None), (0.5, None), (0.0, torch.bfloat16)]
+)
+def test_killed_run_resumes_bit_identical(
+    tiny_model_dir, tokenizer, tmp_path, propagate, forward_dtype
+):
     from quantcore.checkpoint import LayerCheckpoint
     from quantcore.methods.gptq_method import GPTQ
 
@@ -267,7 +271,11 @@ def test_killed_run_resumes_bit_identical(tiny_model_dir, tokenizer, tmp_path, p
     # `propagate`, the float model's block inputs are part of what a resume restores.
     straight_model = fresh()
     straight = quantize_model(
-        straight_model, samples, GPTQ(awq_grid=5, propagate=propagate), schemes
+        straight_model,
+        samples,
+        GPTQ(awq_grid=5, propagate=propagate),
+        schemes,
+        forward_dtype=forward_dtype,
     )
 
     # First run: stopped after layer 1 (a cancel here; a kill leaves the same files).
@@ -281,6 +289,7 @@ def test_killed_run_resumes_bit_identical(tiny_model_dir, tokenizer, tmp_path, p
             on_layer=layers.append,
             should_cancel=lambda: len(layers) >= 1,
             checkpoint=LayerCheckpoint(tmp_path / "ck", "key-a"),
+            forward_dtype=forward_dtype,
         )
     assert LayerCheckpoint(tmp_path / "ck", "key-a").layers_done == 1
 
@@ -294,6 +303,7 @@ def test_killed_run_resumes_bit_identical(tiny_model_dir, tokenizer, tmp_path, p
         schemes,
         on_layer=resumed_layers.append,
         checkpoint=LayerCheckpoint(tmp_path / "ck", "key-a"),
+        forward_dtype=forward_dtype,
     )
     assert [e.layer for e in resumed_layers] == [2]
     assert resumed.keys() == straight.keys()
