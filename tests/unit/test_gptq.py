@@ -16,6 +16,7 @@ from quantcore.methods.gptq import (
     inverse_hessian_cholesky,
     propagation_target,
     refit_scales,
+    upper_triangular_inverse,
 )
 from quantcore.methods.rtn import group_params, quantize_rtn
 
@@ -111,6 +112,23 @@ def test_damping_grows_until_cholesky_succeeds():
     u, damp = inverse_hessian_cholesky(h, 0.01)
     assert damp == pytest.approx(10.0)
     torch.testing.assert_close(u.t() @ u, torch.linalg.inv(h + 10 * torch.eye(2)))
+
+
+@pytest.mark.parametrize("n", [5, 256, 257, 700])  # 257 and 700: inverted by halves
+def test_upper_triangular_inverse_is_the_inverse(n):
+    g = torch.Generator().manual_seed(n)
+    r = torch.randn(n, n, generator=g).triu() * 0.1 + torch.eye(n) * (torch.rand(n) + 1)
+    inv = upper_triangular_inverse(r)
+    assert torch.equal(inv, inv.triu())
+    torch.testing.assert_close(inv.double(), torch.linalg.inv(r.double()), rtol=1e-5, atol=1e-5)
+
+
+def test_inverse_hessian_factor_of_a_wide_hessian():
+    w, h, _ = _problem(in_f=600, tokens=2400)
+    u, damp = inverse_hessian_cholesky(h, 0.01)
+    assert damp == 0.01 and torch.equal(u, u.triu())
+    ref = torch.linalg.inv(h.double() + 0.01 * h.diagonal().double().mean() * torch.eye(600))
+    torch.testing.assert_close(u.t().double() @ u.double(), ref, rtol=1e-4, atol=1e-6)
 
 
 @pytest.mark.parametrize("width", [8, 1000])  # 1000: in upper blocks, mirrored
