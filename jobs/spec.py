@@ -63,9 +63,10 @@ class CalibrationSpec(BaseModel):
     forward_dtype: ForwardDtype = Field(
         default="auto",
         description="The dtype a float32 model's calibration passes run their matmuls in; "
-        "weights, Hessians and the methods' math stay float32. auto: bfloat16 where the "
-        "worker's device multiplies bfloat16 natively (CUDA sm_80+, CPUs with AVX512-BF16 or "
-        "AMX), else float32. A bfloat16 or float16 model runs in its own dtype.",
+        "weights, Hessians and the methods' math stay float32. auto: for GPTQ, bfloat16 where "
+        "the worker's device multiplies bfloat16 natively (CUDA sm_80+, CPUs with AVX512-BF16 "
+        "or AMX), else float32; for AWQ, float32. A bfloat16 or float16 model runs in its own "
+        "dtype.",
     )
 
     @field_validator("dataset")

@@ -6,8 +6,10 @@ loaded in bfloat16 would. What the methods compute from those passes stays float
 Hessians (accumulated in float32 from the inputs the Linears saw), GPTQ's and AWQ's math, and
 the check that AWQ's folds leave the float block unchanged. On a CPU with AVX512-BF16 a
 bfloat16 matmul is about 4.5x a float32 one (SmolLM2's shapes, 2 cores); on SmolLM2 w4 g64
-GPTQ that made the run about 0.75x the time, with held-out perplexity and KL within seed
-noise (bench/results/quality-cpu-2core.txt).
+GPTQ that made the run 0.74x the time, with held-out perplexity within seed noise and KL 1.9%
+higher over five seeds. AWQ rounds with statistics of the recorded inputs themselves (its
+clipping search, its scale refit), and bfloat16 cost it half a point of perplexity on each of
+three seeds: "auto" keeps AWQ in float32 (bench/results/quality-cpu-2core.txt).
 
 The walker sets the dtype for one walk (`forward_dtype`); module runs inside it enter
 `module_runs`. Code outside such a block (the methods' math) never sees autocast.
@@ -39,9 +41,12 @@ def fast_bfloat16(device: str | torch.device) -> bool:
     return False
 
 
-def resolve(requested: str, device: str | torch.device) -> torch.dtype | None:
+def resolve(
+    requested: str, device: str | torch.device, auto_bfloat16: bool = True
+) -> torch.dtype | None:
     """The autocast dtype of a float32 model's calibration forwards on `device`, or None for
-    float32 itself. "auto" is bfloat16 where the device has fast bfloat16 matmuls."""
+    float32 itself. "auto" is bfloat16 where the device has fast bfloat16 matmuls and the
+    method takes it (`auto_bfloat16`: a method's own attribute of that name)."""
     if requested not in FORWARD_DTYPES:
         raise BadRequestError(
             f"calibration forward_dtype must be one of {', '.join(FORWARD_DTYPES)}, "
@@ -49,7 +54,7 @@ def resolve(requested: str, device: str | torch.device) -> torch.dtype | None:
         )
     if requested == "float32":
         return None
-    if requested == "bfloat16" or fast_bfloat16(device):
+    if requested == "bfloat16" or (auto_bfloat16 and fast_bfloat16(device)):
         return torch.bfloat16
     return None
 

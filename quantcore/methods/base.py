@@ -59,6 +59,9 @@ class LayerMethod(Protocol):
     A method with a true `wants_float_inputs` attribute is also passed `float_inputs`: each
     Linear's inputs in the float model (fed its own, unquantized activations), per call;
     None while those are still the quantized model's (the first block).
+    A method with a true `auto_bfloat16` attribute has its calibration forwards in bfloat16
+    when a job's `forward_dtype` is "auto" and the device multiplies bfloat16 natively
+    (quantcore.precision).
     """
 
     name: str

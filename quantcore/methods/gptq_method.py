@@ -36,6 +36,11 @@ on that setting: +10.50%, KL 0.1056, but about 1.5x the time and +160 MB peak RS
 `awq_duo` chooses AWQ's duo scaling for those scales (awq.search_scales); "on" gave +10.7%
 perplexity, KL 0.105 over three seeds where the default ("off") gave +11.0%, KL 0.102.
 `awq_scales=False, mse=False, refit=False, damp_per_feature=0` is plain GPTQ.
+
+On a CPU with AVX512-BF16 the walker runs the block passes and the scale search with bfloat16
+matmuls (quantcore.precision; the Hessians and all of the above stay float32): over five
+seeds +10.7% perplexity, KL 0.103, in 0.79x llm-compressor's time (float32 forwards, seed 0,
+the same day: 1.06x).
 """
 
 from __future__ import annotations
@@ -213,6 +218,7 @@ def quantize_together(
 class GPTQ:
     name = "gptq"
     needs_calibration = True
+    auto_bfloat16 = True  # "auto" forwards in bfloat16 where fast (quantcore.precision)
 
     def __init__(
         self,

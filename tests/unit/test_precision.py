@@ -38,6 +38,19 @@ def test_auto_is_bfloat16_only_where_the_cpu_multiplies_it_natively(
     assert precision.resolve("bfloat16", "cpu") is torch.bfloat16
 
 
+def test_auto_keeps_a_method_that_declines_bfloat16_in_float32(monkeypatch):
+    _cpu_bf16(monkeypatch, True)
+    assert precision.resolve("auto", "cpu", auto_bfloat16=False) is None
+    assert precision.resolve("bfloat16", "cpu", auto_bfloat16=False) is torch.bfloat16
+    # AWQ declines (its clipping and refit read the recorded inputs), GPTQ takes it: only
+    # GPTQ's checkpoints depend on the machine's bfloat16.
+    awq, gptq = QuantizeRequest("m", method="awq"), QuantizeRequest("m", method="gptq")
+    keys = request_key(awq), request_key(gptq)
+    _cpu_bf16(monkeypatch, False)
+    assert request_key(awq) == keys[0]
+    assert request_key(gptq) != keys[1]
+
+
 def test_an_unknown_forward_dtype_is_refused_by_name():
     with pytest.raises(BadRequestError, match=r"forward_dtype.*auto, float32, bfloat16.*'fp8'"):
         precision.resolve("fp8", "cpu")
@@ -107,7 +120,7 @@ def test_bfloat16_forwards_feed_float32_gptq(tiny_model_dir, tokenizer, monkeypa
 def test_checkpoints_are_not_shared_across_forward_dtypes(monkeypatch):
     """The "auto" dtype resolves per machine: a checkpoint from a machine where it meant bfloat16 is
     not resumed where it means float32 (the results would not be bit-identical)."""
-    req = QuantizeRequest("m", calibration=Calibration(forward_dtype="auto"))
+    req = QuantizeRequest("m", method="gptq", calibration=Calibration(forward_dtype="auto"))
     _cpu_bf16(monkeypatch, True)
     with_bf16 = request_key(req)
     assert request_key(req) == with_bf16
