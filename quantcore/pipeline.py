@@ -122,11 +122,16 @@ class RunResult:
         return asdict(self)
 
 
+def _forward_dtype(req: QuantizeRequest, device: str | torch.device) -> torch.dtype | None:
+    """What the request's forward dtype resolves to for its method on `device`."""
+    auto_bf16 = getattr(METHODS.get(req.method), "auto_bfloat16", False)
+    return precision.resolve(req.calibration.forward_dtype, device, auto_bf16)
+
+
 def request_key(req: QuantizeRequest, device: str | torch.device = "cpu") -> str:
     """A digest of everything that determines the result on `device`, checkpoints are only
     reused for it: the request, and what its forward dtype resolves to there."""
-    auto_bf16 = getattr(METHODS.get(req.method), "auto_bfloat16", False)
-    forward = precision.resolve(req.calibration.forward_dtype, device, auto_bf16)
+    forward = _forward_dtype(req, device)
     what = {"request": asdict(req), "forward_dtype": str(forward)}
     return hashlib.sha256(json.dumps(what, sort_keys=True, default=str).encode()).hexdigest()
 
@@ -250,8 +255,7 @@ def quantize(
     forward = None
     if method.needs_calibration:
         if lazy.dtype == torch.float32:
-            auto_bf16 = getattr(method, "auto_bfloat16", False)
-            forward = precision.resolve(cal.forward_dtype, device, auto_bf16)
+            forward = _forward_dtype(req, device)
         name = str(forward or lazy.dtype).removeprefix("torch.")
         how = f"{name} matmuls, float32 statistics" if forward is not None else name
         on_progress(Progress("calibrate", 1, 1, f"calibration forwards in {how}"))

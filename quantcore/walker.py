@@ -169,27 +169,17 @@ def _run_batches(
     stop_after: Collection[nn.Module],
     frozen: FrozenOutputs | None,
 ) -> list[torch.Tensor] | None:
-    if not batches:
-        return [] if not stop_after else None
     weight = next(block.parameters(), None)
-    with precision.module_runs(
-        batches[0].hidden.device, weight.dtype if weight is not None else torch.float32
-    ):
-        return _run_each(block, batches, stop_after, frozen)
-
-
-def _run_each(
-    block: nn.Module,
-    batches: list[_Batch],
-    stop_after: Collection[nn.Module],
-    frozen: FrozenOutputs | None,
-) -> list[torch.Tensor] | None:
+    device = batches[0].hidden.device if batches else "cpu"
+    # The walk's forward dtype (quantcore.precision): every block call of the pass autocasts.
+    autocast = precision.module_runs(device, weight.dtype if weight is not None else torch.float32)
     if not stop_after:
-        outs = []
-        for i, x in enumerate(batches):
-            if frozen is not None:
-                frozen.begin_batch(i)
-            outs.append(_first_output(block(x.hidden, **x.kwargs)))
+        with autocast:
+            outs = []
+            for i, x in enumerate(batches):
+                if frozen is not None:
+                    frozen.begin_batch(i)
+                outs.append(_first_output(block(x.hidden, **x.kwargs)))
         return outs
     seen: set[int] = set()
 
@@ -202,14 +192,15 @@ def _run_each(
     # before the pass stops; that module itself does not run (its output is not needed).
     handles = [m.register_forward_pre_hook(hook) for m in stop_after]
     try:
-        for i, x in enumerate(batches):
-            seen.clear()
-            if frozen is not None:
-                frozen.begin_batch(i)
-            try:
-                block(x.hidden, **x.kwargs)
-            except _StopBlock:
-                pass
+        with autocast:
+            for i, x in enumerate(batches):
+                seen.clear()
+                if frozen is not None:
+                    frozen.begin_batch(i)
+                try:
+                    block(x.hidden, **x.kwargs)
+                except _StopBlock:
+                    pass
     finally:
         for h in handles:
             h.remove()

@@ -39,14 +39,21 @@ def _fresh(tiny_model_dir):
 # --- folding: the float model is unchanged --------------------------------------------------
 
 
-@torch.no_grad()
-def test_searched_scales_fold_exactly_into_norms_and_linears(tiny_model_dir, tokenizer):
+def _second_block(tiny_model_dir, tokenizer, samples: int, seed: int):
+    """A fresh tiny Llama, calibration ids, its logits on them, its second block and that
+    block's Linears at w3 g32."""
     model = _fresh(tiny_model_dir)
-    ids = calibration_samples(tokenizer, "wiki-excerpt", 4, 64, seed=0)
+    ids = calibration_samples(tokenizer, "wiki-excerpt", samples, 64, seed=seed)
     before = model(input_ids=ids).logits
     block = decoder_layers(model)[1][0]
-    params = {n: p.clone() for n, p in block.named_parameters()}
     modules = {n: (lin, W3G32) for n, lin in linear_modules(block).items()}
+    return model, ids, before, block, modules
+
+
+@torch.no_grad()
+def test_searched_scales_fold_exactly_into_norms_and_linears(tiny_model_dir, tokenizer):
+    model, ids, before, block, modules = _second_block(tiny_model_dir, tokenizer, 4, 0)
+    params = {n: p.clone() for n, p in block.named_parameters()}
 
     # The block runs inside the whole model: its hooks see it as the walker would run it.
     groups, scales, _ = AWQ().scale_block(block, modules, lambda: model(input_ids=ids))
@@ -79,11 +86,7 @@ def test_searched_scales_fold_exactly_into_norms_and_linears(tiny_model_dir, tok
 
 @torch.no_grad()
 def test_duo_scales_fold_exactly_too(tiny_model_dir, tokenizer):
-    model = _fresh(tiny_model_dir)
-    ids = calibration_samples(tokenizer, "wiki-excerpt", 2, 64, seed=1)
-    before = model(input_ids=ids).logits
-    block = decoder_layers(model)[1][0]
-    modules = {n: (lin, W3G32) for n, lin in linear_modules(block).items()}
+    model, ids, before, block, modules = _second_block(tiny_model_dir, tokenizer, 2, 1)
     awq = AWQ(duo_scaling="on")
     groups, scales, _ = awq.scale_block(block, modules, lambda: model(input_ids=ids))
     folded = [g for g in groups if g.fold is not None]
