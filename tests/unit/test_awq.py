@@ -8,7 +8,9 @@ import torch
 from torch import nn
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
+from quantcore import precision
 from quantcore.data.datasets import calibration_samples
+from quantcore.methods import awq_method
 from quantcore.methods.awq import (
     awq_scales,
     clip_ranges,
@@ -17,7 +19,7 @@ from quantcore.methods.awq import (
     search_scales,
     weight_means,
 )
-from quantcore.methods.awq_method import AWQ, fold_scales, search_calls
+from quantcore.methods.awq_method import AWQ, _take_positions, fold_scales, search_calls
 from quantcore.methods.base import QuantScheme, SchemeMap
 from quantcore.methods.rtn import quantize_rtn
 from quantcore.methods.rtn_method import RTN
@@ -188,6 +190,73 @@ def test_a_fold_that_changes_the_block_is_undone(tiny_model_dir, tokenizer):
     # The other groups were still folded, and the model is unchanged.
     assert {g.fold for g in groups} == {"norm", "linear", None}
     torch.testing.assert_close(model(input_ids=ids).logits, before, rtol=1e-4, atol=1e-4)
+
+
+@torch.no_grad()
+@pytest.mark.parametrize("norm_class", [None, ShiftedRMSNorm])
+def test_under_bfloat16_forwards_folds_are_checked_in_float32_on_the_first_positions(
+    tiny_model_dir, tokenizer, monkeypatch, norm_class
+):
+    """With a bfloat16 forward dtype the recording pass's outputs cannot tell an exact fold
+    from bfloat16's rounding, so the check runs the block in float32, on the first call cut to
+    its first positions: exact folds are kept, one that changes the block is still undone.
+    (The tiny model's 64 positions are also its hidden size: only the positions are cut.)"""
+    monkeypatch.setattr(awq_method, "_CHECK_POSITIONS", 16)
+    if norm_class is None:
+        model, ids, before, block, modules = _second_block(tiny_model_dir, tokenizer, 2, 0)
+    else:
+        model, block = _with_norm(tiny_model_dir, norm_class)
+        ids = calibration_samples(tokenizer, "wiki-excerpt", 2, 64, seed=0)
+        before = model(input_ids=ids).logits
+        modules = {n: (lin, W3G32) for n, lin in linear_modules(block).items()}
+    seen: list[tuple[int, bool]] = []  # each block call: positions, under autocast
+    hook = block.register_forward_pre_hook(
+        lambda _m, args: seen.append((args[0].shape[1], torch.is_autocast_enabled("cpu")))
+    )
+
+    def forward():
+        with precision.module_runs("cpu", torch.float32):
+            model(input_ids=ids)
+
+    try:
+        with precision.forward_dtype(torch.bfloat16):
+            groups, _, _ = AWQ().scale_block(block, modules, forward)
+    finally:
+        hook.remove()
+    # Recording: one call (two sequences of 64) in bfloat16; then float32 runs of 16 positions.
+    assert seen[0] == (64, True)
+    assert seen[1:] and set(seen[1:]) == {(16, False)}
+    mlp = next(g for g in groups if g.members == ("mlp.gate_proj", "mlp.up_proj"))
+    if norm_class is None:
+        assert all(g.fold is not None for g in groups if g.producer is not None)
+    else:
+        assert mlp.fold is None and "undone" in mlp.note
+    torch.testing.assert_close(model(input_ids=ids).logits, before, rtol=1e-4, atol=1e-4)
+
+
+def test_a_call_cut_to_its_first_positions():
+    """Every dimension as long as the sequence is cut (the input, rotary tables, position ids,
+    a mask's rows and columns); a batch or a hidden size of the same length, other sizes and
+    flags are not."""
+    x, mask, cos = torch.randn(8, 8, 8), torch.randn(8, 1, 8, 8), torch.randn(1, 8, 2)
+    call = (
+        (x,),
+        {
+            "position_embeddings": (cos, cos),
+            "attention_mask": mask,
+            "cache_position": torch.arange(8),
+            "position_ids": torch.arange(8)[None],
+            "causal": True,
+        },
+    )
+    args = _take_positions(call[0], 8, 3)
+    kwargs = _take_positions(call[1], 8, 3)
+    assert torch.equal(args[0], x[:, :3])
+    assert torch.equal(kwargs["attention_mask"], mask[:, :, :3, :3])
+    assert all(torch.equal(t, cos[:, :3]) for t in kwargs["position_embeddings"])
+    assert kwargs["cache_position"].tolist() == [0, 1, 2]
+    assert kwargs["position_ids"].tolist() == [[0, 1, 2]]
+    assert kwargs["causal"] is True
 
 
 # --- the scale search on fewer tokens -------------------------------------------------------

@@ -160,6 +160,20 @@ def test_static_group_params_are_each_groups_own(mse, in_f, gs):
         assert torch.equal(scales[:, g], s) and torch.equal(zeros[:, g], z)
 
 
+@pytest.mark.parametrize("sym", [False, True])
+def test_the_range_search_in_chunks_of_rows_is_the_search_on_all(monkeypatch, sym):
+    """On a CPU the MSE range search runs over chunks of rows (so that its passes stay in
+    cache); each row's choice is its own, so the chunks change nothing."""
+    from quantcore.methods import gptq
+
+    w = torch.randn(50, 32, generator=torch.Generator().manual_seed(5))
+    whole = gptq._mse_params(w, 3, sym, torch.float16)
+    monkeypatch.setattr(gptq, "_MSE_CHUNK", 7 * 32)  # 7 rows a chunk, a short last one
+    chunked = gptq._mse_params(w, 3, sym, torch.float16)
+    assert torch.equal(chunked[0], whole[0]) and torch.equal(chunked[1], whole[1])
+    assert chunked[0].shape == (50,)
+
+
 @pytest.mark.parametrize(("act_order", "mse"), [(True, False), (False, True)])
 def test_linears_sharing_a_hessian_are_quantized_as_one_weight(act_order, mse):
     """q/k/v stacked into one GPTQ run give each Linear what its own run gives: rows are

@@ -6,11 +6,13 @@ from its output must stay close to the float model."""
 
 from __future__ import annotations
 
+import gc
 import shutil
 from pathlib import Path
 
 import pytest
 import torch
+from safetensors import safe_open
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from quantcore.data.datasets import calibration_samples
@@ -151,6 +153,29 @@ def test_tied_embeddings_stay_tied_and_load_once(family_dirs):
     assert not model.lm_head.weight.is_meta
     lazy.release(model.model.embed_tokens)
     assert model.lm_head.weight.is_meta
+
+
+def _mapped(path: Path) -> bool:
+    """Whether this process maps `path` (Linux's /proc)."""
+    return str(path.resolve()) in Path("/proc/self/maps").read_text()
+
+
+def test_materialized_weights_own_their_memory(family_dirs):
+    """safetensors maps a shard privately; a weight left in that mapping would fault each page
+    in from the file on its first write (the walk writes every weight). Materialized weights
+    are copies: once the block is in, the shard is no longer mapped."""
+    lazy = LazyModel(family_dirs["llama"])
+    blocks = decoder_layers(lazy.model)[1]
+    shards = sorted(family_dirs["llama"].glob("*.safetensors"))
+    lazy.materialize(blocks[0])
+    gc.collect()
+    assert shards and not any(_mapped(f) for f in shards)
+    w = blocks[0].mlp.down_proj.weight
+    with safe_open(shards[0], framework="pt") as f:
+        stored = f.get_tensor(lazy.stored_name(w))
+        assert _mapped(shards[0])  # what the check above would see for a mapped weight
+    assert torch.equal(w, stored)
+    lazy.release(blocks[0])
 
 
 def test_an_encoder_decoder_is_refused_by_name(tmp_path):
