@@ -68,6 +68,11 @@ METHODS = {
     "gptqd10": ("gptq", {"damp": 0.1, "damp_per_feature": 0.0}),
     "gptqd10cd1": ("gptq", {"damp": 0.1, "damp_per_feature": 0.0, "descent_passes": 1}),
     "awqd01": ("awq", {"damp_per_feature": 0.0}),
+    # Coordinate descent on AWQ's rounded codes against the recorded inputs' Hessian.
+    "awqcd1": ("awq", {"descent_passes": 1}),
+    "awqcd2": ("awq", {"descent_passes": 2}),
+    "awqcd3": ("awq", {"descent_passes": 3}),
+    "awqcd4": ("awq", {"descent_passes": 4}),
     # Duo scaling (AutoAWQ's, llm-compressor's default): s = mean|x|^a / w_mean^(1 - a).
     "awqduo": ("awq", {"duo_scaling": "on"}),
     "awqboth": ("awq", {"duo_scaling": "both"}),

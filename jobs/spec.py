@@ -216,6 +216,14 @@ class AWQOptions(BaseModel):
         default=DAMP_PER_FEATURE, ge=0, le=100, description="As GPTQ's, for the refit's Hessian."
     )
     duo_scaling: DuoScaling = "off"
+    descent_passes: int = Field(
+        default=3,
+        ge=0,
+        le=8,
+        description="Passes of coordinate descent on the rounded codes against the scaled "
+        "inputs' Hessian (QuantEase), each followed by a refit: rounding to nearest picks "
+        "each code alone. 0: off; each pass about +5 s on SmolLM2.",
+    )
 
 
 def _compiles(pattern: str) -> str:

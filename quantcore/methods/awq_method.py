@@ -28,7 +28,12 @@ One block at a time, in four steps:
    ranges; with `refit`, each row's group scales are then re-fitted to its codes by least
    squares on the Hessian of all its recorded (scaled) inputs (gptq.refit_scales), and it is
    installed. On SmolLM2 w4 g64 asym (bench/results/quality-cpu-2core.txt) the refit took
-   AWQ from +14.70% to +13.00% perplexity, KL 0.1345 to 0.1189.
+   AWQ from +14.70% to +13.00% perplexity, KL 0.1345 to 0.1189. Then `descent_passes` of
+   coordinate descent on the codes against that Hessian (gptq.descend_codes, QuantEase: each
+   code in turn moved to its best grid point, the others held) and a last refit: rounding to
+   nearest chooses each code alone, blind to what its row's other errors do to the output.
+   Three seeds, same setting: +12.5% -> +9.9% perplexity, KL 0.121 -> 0.107, for about 5 s
+   a pass (three by default).
 
 All statistics come from the float block (not true-sequential): AWQ's choices are local to a
 group and the cost stays at one pass plus the grid of module re-runs.
@@ -54,6 +59,7 @@ from quantcore.methods.base import ModuleDone, QuantScheme, install_quantized, r
 from quantcore.methods.gptq import (
     accumulate_hessian,
     data_damp,
+    descend_codes,
     divide_by_scales_,
     refit_scales,
 )
@@ -395,7 +401,15 @@ class AWQ:
         damp: float = 0.01,
         damp_per_feature: float = 0.7,
         duo_scaling: str = "off",
+        descent_passes: int = 3,
     ):
+        if descent_passes < 0:
+            raise ValueError(f"descent_passes must be at least 0, got {descent_passes}")
+        # Coordinate descent on the rounded codes (gptq.descend_codes, QuantEase) against the
+        # inputs' Hessian, then a refit: rounding to nearest chooses each code alone. On
+        # SmolLM2 w4 g64 asym, three seeds: 1 pass +11.3%, 2 +10.5%, 3 +9.9% (KL 0.107);
+        # a fourth changed nothing on two seeds' KL.
+        self.descent_passes = descent_passes
         if duo_scaling not in DUO_MODES:
             raise ValueError(
                 f"duo_scaling must be one of {', '.join(DUO_MODES)}, got {duo_scaling!r}"
@@ -453,13 +467,18 @@ class AWQ:
                 )
                 w = clip_weight(w, bounds, scheme.group_size)
             qw = quantize_rtn(w, scheme.bits, scheme.group_size, scheme.symmetric, lin.weight.dtype)
-            if self.refit:
+            if self.refit or self.descent_passes:
                 group = member_group.get(name, (name,))
                 if group not in hessians:
                     hessians[group] = _scaled_hessian(rec.inputs[name], member_scale.get(name))
                 h, n = hessians[group]
                 damp = data_damp(self.damp, self.damp_per_feature, h.shape[0], n)
-                qw = refit_scales(target, h, qw, damp)
+                if self.refit:
+                    qw = refit_scales(target, h, qw, damp)
+                if self.descent_passes:
+                    qw = descend_codes(target, h, qw, damp, self.descent_passes)
+                    if self.refit:
+                        qw = refit_scales(target, h, qw, damp)
             err = install_quantized(lin, qw)
             out[name] = qw
             on_module(name, qw, err)

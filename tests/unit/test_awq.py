@@ -97,6 +97,8 @@ def test_duo_scales_fold_exactly_too(tiny_model_dir, tokenizer):
     torch.testing.assert_close(model(input_ids=ids).logits, before, rtol=1e-4, atol=1e-4)
     with pytest.raises(ValueError, match="duo_scaling"):
         AWQ(duo_scaling="yes")
+    with pytest.raises(ValueError, match="descent_passes"):
+        AWQ(descent_passes=-1)
 
 
 @pytest.mark.parametrize(
@@ -603,8 +605,9 @@ def test_awq_beats_rtn_through_the_walker(tiny_model_dir, tokenizer):
     methods = (
         ("rtn", RTN()),
         ("awq", AWQ()),
-        ("awq-norefit", AWQ(refit=False)),
-        ("awq-noclip", AWQ(clip=False, refit=False)),
+        ("awq-nodescent", AWQ(descent_passes=0)),
+        ("awq-norefit", AWQ(refit=False, descent_passes=0)),
+        ("awq-noclip", AWQ(clip=False, refit=False, descent_passes=0)),
     )
     for name, method in methods:
         model = _fresh(tiny_model_dir)
@@ -639,11 +642,17 @@ def test_awq_beats_rtn_through_the_walker(tiny_model_dir, tokenizer):
 
     # The refit keeps the codes and moves scales so that layer 1's outputs on the calibration
     # inputs come closer to the float block's.
+    refit, plain = results["awq-nodescent"], results["awq-norefit"]
     for k in layer0:
-        assert torch.equal(results["awq"][k].codes, results["awq-norefit"][k].codes), k
-    moved = [
-        not torch.equal(results["awq"][k].scales, results["awq-norefit"][k].scales) for k in layer0
-    ]
-    assert all(moved)
-    assert layers["awq"][0].output_error < 0.95 * layers["awq-norefit"][0].output_error
-    assert errors["awq"] < errors["awq-norefit"]
+        assert torch.equal(refit[k].codes, plain[k].codes), k
+    assert all(not torch.equal(refit[k].scales, plain[k].scales) for k in layer0)
+    assert layers["awq-nodescent"][0].output_error < 0.95 * layers["awq-norefit"][0].output_error
+    assert errors["awq-nodescent"] < errors["awq-norefit"]
+
+    # Coordinate descent moves codes (zero points kept) and brings layer 1's outputs closer
+    # still.
+    moved = sum(int((results["awq"][k].codes != refit[k].codes).sum()) for k in layer0)
+    assert moved > 0
+    for k in layer0:
+        assert torch.equal(results["awq"][k].zeros, refit[k].zeros), k
+    assert layers["awq"][0].output_error < 0.95 * layers["awq-nodescent"][0].output_error
