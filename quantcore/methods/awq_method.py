@@ -415,11 +415,13 @@ class AWQ:
                 f"duo_scaling must be one of {', '.join(DUO_MODES)}, got {duo_scaling!r}"
             )
         # Duo scaling (awq.search_scales), llm-compressor's default, is off: on SmolLM2 w4 g64
-        # asym over three seeds "on" +12.5%, "both" +12.8%, "off" +12.5%, KL 0.121-0.122.
+        # asym over three seeds "on" +12.5%, "both" +12.8%, "off" +12.5%, KL 0.121-0.122
+        # (measured before the code descent).
         self.duo_scaling = duo_scaling
         self.grid = grid
         # The refit's damping, as GPTQ's (gptq.data_damp): on SmolLM2 w4 g64 asym over three
-        # seeds, +12.5% perplexity, KL 0.121, where 0.01 alone gave +13.4%, KL 0.125.
+        # seeds, +12.5% perplexity, KL 0.121, where 0.01 alone gave +13.4%, KL 0.125 (before
+        # the code descent, which minimises the loss under the same damped Hessian).
         self.damp = damp
         self.damp_per_feature = damp_per_feature
         # After rounding, each row's group scales are re-fitted to its codes by least squares
