@@ -241,17 +241,23 @@ def _subsample(tensors: list[torch.Tensor], n: int) -> torch.Tensor:
     return torch.cat(out)
 
 
+def _map_tensors(obj, fn: Callable[[torch.Tensor], torch.Tensor]):
+    """`obj` (an argument of a call) with `fn` applied to every tensor in it, through tuples,
+    lists and dicts; anything else as it is."""
+    if isinstance(obj, torch.Tensor):
+        return fn(obj)
+    if isinstance(obj, (tuple, list)):
+        return type(obj)(_map_tensors(o, fn) for o in obj)
+    if isinstance(obj, dict):
+        return {k: _map_tensors(v, fn) for k, v in obj.items()}
+    return obj
+
+
 def _take_sequences(obj, batch: int, n: int):
     """`obj` (an argument of a call) with every tensor whose first dimension is the batch cut
     to its first `n` sequences; anything else (broadcast masks, rotary tables of batch 1,
     flags) as it is."""
-    if isinstance(obj, torch.Tensor):
-        return obj[:n] if obj.dim() and obj.shape[0] == batch else obj
-    if isinstance(obj, (tuple, list)):
-        return type(obj)(_take_sequences(o, batch, n) for o in obj)
-    if isinstance(obj, dict):
-        return {k: _take_sequences(v, batch, n) for k, v in obj.items()}
-    return obj
+    return _map_tensors(obj, lambda t: t[:n] if t.dim() and t.shape[0] == batch else t)
 
 
 _CHECK_POSITIONS = 128  # of the first call, for the float32 fold check
@@ -262,17 +268,15 @@ def _take_positions(obj, seq: int, n: int):
     length `seq` cut to its first `n`: the input, position ids and rotary tables, a mask's
     rows and columns. A first dimension is taken for the batch unless it is the only one, and
     a three-dimensional tensor's last for features ([batch, seq, hidden], rotary tables)."""
-    if isinstance(obj, torch.Tensor):
-        dims = range(obj.dim()) if obj.dim() == 1 else range(1, obj.dim())
+
+    def cut(t: torch.Tensor) -> torch.Tensor:
+        dims = range(t.dim()) if t.dim() == 1 else range(1, t.dim())
         for d in dims:
-            if obj.shape[d] == seq and not (obj.dim() == 3 and d == 2):
-                obj = obj.narrow(d, 0, n)
-        return obj
-    if isinstance(obj, (tuple, list)):
-        return type(obj)(_take_positions(o, seq, n) for o in obj)
-    if isinstance(obj, dict):
-        return {k: _take_positions(v, seq, n) for k, v in obj.items()}
-    return obj
+            if t.shape[d] == seq and not (t.dim() == 3 and d == 2):
+                t = t.narrow(d, 0, n)
+        return t
+
+    return _map_tensors(obj, cut)
 
 
 def _float_check(block: nn.Module, call: tuple[tuple, dict]) -> tuple[tuple[tuple, dict], object]:

@@ -66,13 +66,22 @@ def data_damp(floor: float, per_feature: float, in_features: int, tokens: int) -
     return max(floor, per_feature * in_features / tokens)
 
 
+def _revive_dead_inputs_(h: torch.Tensor) -> torch.Tensor | None:
+    """Inputs that never fire (zero on H's diagonal) get 1 there, in place, so H can be
+    factorized; returns their mask, or None when there are none (a masked write scans the
+    whole tensor: skipped when nothing needs it)."""
+    dead = torch.diag(h) == 0
+    if not bool(dead.any()):
+        return None
+    h.diagonal()[dead] = 1
+    return dead
+
+
 def damped(hessian: torch.Tensor, damp: float) -> torch.Tensor:
     """An fp32 copy of H as GPTQ conditions it: inputs that never fire (zero diagonal) get 1
     there, then damp * mean(diag) is added to the diagonal."""
     h = hessian.float().clone()
-    dead = torch.diag(h) == 0
-    if bool(dead.any()):
-        h.diagonal()[dead] = 1
+    _revive_dead_inputs_(h)
     h.diagonal().add_(damp * float(torch.mean(torch.diag(h))))
     return h
 
@@ -277,9 +286,8 @@ def gptq_quantize(
     w = weight.float().clone()
     h = hessian.float().clone()
 
-    dead = torch.diag(h) == 0
-    if bool(dead.any()):  # a masked write scans the whole weight: only when needed
-        h.diagonal()[dead] = 1
+    dead = _revive_dead_inputs_(h)
+    if dead is not None:
         w[:, dead] = 0
 
     scales = torch.empty(out_f, n_groups, device=w.device)
@@ -363,8 +371,8 @@ def _column_pass(
     # the original column order at the end, in one gather.
     codes_t = torch.empty(in_f, out_f, dtype=torch.uint8, device=wt.device)
     losses = torch.zeros(out_f, device=wt.device)
-    group_of = perm // gs  # group (original order) of each permuted column
     if static:  # groups as rows: a block's columns gather whole rows
+        group_of = perm // gs  # group (original order) of each permuted column
         scales_t, zeros_t = scales.t().contiguous(), zeros.t().contiguous()
         nzs_t = -zeros_t * scales_t
     for i1 in range(0, in_f, cfg.block_size):
