@@ -111,6 +111,11 @@ SearchTokens = Annotated[
 
 # GPTQ's damping per input feature per calibration token (quantcore.methods.gptq.data_damp).
 DAMP_PER_FEATURE = 0.7
+# AWQ's defaults for its later Linears (quantcore.methods.awq_method.AWQ): fitted on what the
+# rounded block feeds them, aimed half-way at the float model's outputs.
+AWQ_TRUE_SEQUENTIAL = True
+AWQ_PROPAGATE = 0.5
+AWQ_PROPAGATE_MODEL = True
 
 DuoScaling = Annotated[
     Literal["off", "on", "both"],
@@ -161,6 +166,11 @@ class GPTQOptions(BaseModel):
     # (bench/results/gptq-variants-cpu-2core.txt), and AWQ alone keeps 2048.
     awq_tokens: SearchTokens = 512
     awq_duo: DuoScaling = "off"
+    awq_shared_values: bool = Field(
+        default=False,
+        description="Under grouped-query attention, also scale o_proj (tied over the query "
+        "heads that read one value head, folded into v_proj).",
+    )
     refit: bool = Field(
         default=True,
         description="After GPTQ chose the codes, re-fit each row's group scales to them by "
@@ -224,6 +234,36 @@ class AWQOptions(BaseModel):
         "inputs' Hessian (QuantEase), each followed by a refit: rounding to nearest picks "
         "each code alone. 0: off; each pass about +5 s on SmolLM2.",
     )
+    true_sequential: bool = Field(
+        default=AWQ_TRUE_SEQUENTIAL,
+        description="Clip and fit o_proj, gate/up and down_proj on the inputs the block gives "
+        "them once the Linears before them are rounded (one stopped pass each).",
+    )
+    propagate: float = Field(
+        default=AWQ_PROPAGATE,
+        ge=0,
+        le=1,
+        description="With true_sequential: aim each later Linear at what the float block "
+        "computes (GPTAQ/QEP), this fraction of the least-squares step; 0: at the float weights.",
+    )
+    propagate_model: bool = Field(
+        default=AWQ_PROPAGATE_MODEL,
+        description="Aim at the float model's outputs (the walker runs it alongside: more "
+        "memory) rather than the float block's.",
+    )
+    shared_values: bool = Field(
+        default=False,
+        description="Under grouped-query attention, also scale o_proj (tied over the query "
+        "heads that read one value head, folded into v_proj).",
+    )
+
+    @model_validator(mode="after")
+    def _propagation_needs_its_parts(self) -> AWQOptions:
+        if self.propagate and not (self.true_sequential or self.propagate_model):
+            raise ValueError("propagate needs true_sequential or propagate_model")
+        if self.propagate_model and not self.propagate:
+            raise ValueError("propagate_model needs propagate above 0")
+        return self
 
 
 def _compiles(pattern: str) -> str:

@@ -124,6 +124,7 @@ def search_scales(
     scale_dtype: torch.dtype | None = None,
     stride: int = 1,
     duo: str = "off",
+    reads: torch.Tensor | None = None,
 ) -> ScaleSearch:
     """Choose alpha for a group of weights [out_i, in] that read one input with per-channel
     mean |x| `x_mean` [in].
@@ -140,6 +141,10 @@ def search_scales(
     `duo` "on" searches s = mean|x|^alpha / w_mean^(1 - alpha) (awq_scales with
     weight_means) instead, plus alpha 0 of the plain family (plain rounding); "both" searches
     both families and keeps the better (twice the tries). The losses are the chosen family's.
+
+    `reads` (input channel -> the producer channel it reads, where several read one) ties the
+    scales: each is the mean over the channels reading one producer channel (tie_scales), so
+    that one 1/s per producer channel folds them all.
     """
     if duo not in DUO_MODES:
         raise ValueError(f"duo must be one of {', '.join(DUO_MODES)}, got {duo!r}")
@@ -150,6 +155,10 @@ def search_scales(
         None if scheme is None else torch.empty(w.shape, device=w.device)
         for w, scheme in zip(weights, schemes, strict=True)
     ]
+
+    def scales_at(alpha: float, wm: torch.Tensor | None) -> torch.Tensor:
+        s = awq_scales(x_mean, alpha, wm)
+        return s if reads is None else tie_scales(s, reads)
 
     def evaluate(s: torch.Tensor) -> float:
         s = s.to(weights[0].device)
@@ -166,7 +175,7 @@ def search_scales(
     families = {"off": [None], "on": [w_mean], "both": [None, w_mean]}[duo]
     for wm in families:
         best, tried = strided_argmin(
-            grid, lambda i, wm=wm: evaluate(awq_scales(x_mean, alphas[i], wm)), stride
+            grid, lambda i, wm=wm: evaluate(scales_at(alphas[i], wm)), stride
         )
         results.append((tried[best], best, wm, tried))
     if duo == "on":  # plain rounding (s = 1) is always a candidate
@@ -174,8 +183,18 @@ def search_scales(
         results.insert(0, (plain, 0, None, {0: plain}))
     _, best, wm, tried = min(results, key=lambda r: r[0])  # the first on ties
     losses = tuple(tried.get(i, float("nan")) for i in range(grid))
-    scales = awq_scales(x_mean, alphas[best], wm)
+    scales = scales_at(alphas[best], wm)
     return ScaleSearch(alphas[best], scales, losses, alphas, wm is not None)
+
+
+def tie_scales(s: torch.Tensor, reads: torch.Tensor) -> torch.Tensor:
+    """s [in] with each entry replaced by the mean over the entries whose `reads` (a producer
+    channel index per input channel) is the same."""
+    reads = reads.to(s.device)
+    n = int(reads.max()) + 1
+    sums = torch.zeros(n, device=s.device).index_add_(0, reads, s.float())
+    counts = torch.zeros(n, device=s.device).index_add_(0, reads, torch.ones_like(s.float()))
+    return (sums / counts.clamp_min(1))[reads]
 
 
 def strided_argmin(

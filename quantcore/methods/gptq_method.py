@@ -237,9 +237,16 @@ class GPTQ:
         descent_passes: int = 0,
         damp_per_feature: float = 0.7,
         awq_duo: str = "off",
+        awq_shared_values: bool = False,
     ):
         # Built once (it checks its options here); each block's scale search reuses it.
-        self._awq = AWQ(grid=awq_grid, clip=False, search_tokens=awq_tokens, duo_scaling=awq_duo)
+        self._awq = AWQ(
+            grid=awq_grid,
+            clip=False,
+            search_tokens=awq_tokens,
+            duo_scaling=awq_duo,
+            shared_values=awq_shared_values,
+        )
         if damp_per_feature < 0:
             raise ValueError(f"damp_per_feature must be at least 0, got {damp_per_feature}")
         self.damp_per_feature = damp_per_feature

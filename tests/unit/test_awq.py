@@ -27,6 +27,7 @@ from quantcore.models.loading import decoder_layers, linear_modules
 from quantcore.walker import quantize_model
 
 W3G32 = QuantScheme(3, 32, symmetric=False)
+W2G32 = QuantScheme(2, 32, symmetric=False)
 
 
 @pytest.fixture
@@ -58,15 +59,20 @@ def test_searched_scales_fold_exactly_into_norms_and_linears(tiny_model_dir, tok
     params = {n: p.clone() for n, p in block.named_parameters()}
 
     # The block runs inside the whole model: its hooks see it as the walker would run it.
-    groups, scales, _ = AWQ().scale_block(block, modules, lambda: model(input_ids=ids))
+    awq = AWQ(shared_values=True)
+    groups, scales, _ = awq.scale_block(
+        block, modules, lambda: model(input_ids=ids, use_cache=False)
+    )
 
     found = {g.members: (g.producer, g.fold) for g in groups}
     assert found == {
         ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"): ("input_layernorm", "norm"),
         ("mlp.gate_proj", "mlp.up_proj"): ("post_attention_layernorm", "norm"),
         ("mlp.down_proj",): ("mlp.up_proj", "linear"),
-        # Grouped-query attention (4 heads, 2 value heads): v_proj's outputs are shared.
-        ("self_attn.o_proj",): (None, None),
+        # Grouped-query attention (4 heads, 2 value heads): two query heads read each value
+        # head, and o_proj's scales are tied to fold into v_proj's rows (`shared_values`;
+        # without it o_proj has no producer).
+        ("self_attn.o_proj",): ("self_attn.v_proj", "linear"),
     }
     assert [g.inspected for g in groups] == [
         "self_attn",
@@ -80,7 +86,9 @@ def test_searched_scales_fold_exactly_into_norms_and_linears(tiny_model_dir, tok
     # The folds really moved weight between the modules...
     for name in ("input_layernorm.weight", "post_attention_layernorm.weight", "mlp.up_proj.weight"):
         assert not torch.allclose(block.get_parameter(name), params[name])
-    assert torch.equal(block.self_attn.o_proj.weight, params["self_attn.o_proj.weight"])
+    o_scales = scales[[g.members for g in groups].index(("self_attn.o_proj",))]
+    heads = o_scales.view(2, 2, -1)  # [value head, query head reading it, head_dim]
+    assert torch.equal(heads[:, 0], heads[:, 1]) and not torch.equal(heads[0], heads[1])
     # ...and the model computes the same function.
     after = model(input_ids=ids).logits
     torch.testing.assert_close(after, before, rtol=1e-4, atol=1e-4)
@@ -90,7 +98,9 @@ def test_searched_scales_fold_exactly_into_norms_and_linears(tiny_model_dir, tok
 def test_duo_scales_fold_exactly_too(tiny_model_dir, tokenizer):
     model, ids, before, block, modules = _second_block(tiny_model_dir, tokenizer, 2, 1)
     awq = AWQ(duo_scaling="on")
-    groups, scales, _ = awq.scale_block(block, modules, lambda: model(input_ids=ids))
+    groups, scales, _ = awq.scale_block(
+        block, modules, lambda: model(input_ids=ids, use_cache=False)
+    )
     folded = [g for g in groups if g.fold is not None]
     assert folded and all(g.duo for g in folded if g.alpha == 0)
     assert any(g.duo for g in folded)
@@ -163,7 +173,9 @@ def test_one_plus_weight_norms_are_folded_exactly(tiny_model_dir, tokenizer):
     modules = {n: (lin, W3G32) for n, lin in linear_modules(block).items()}
     norm_weight = block.post_attention_layernorm.weight.clone()
 
-    groups, scales, _ = AWQ().scale_block(block, modules, lambda: model(input_ids=ids))
+    groups, scales, _ = AWQ().scale_block(
+        block, modules, lambda: model(input_ids=ids, use_cache=False)
+    )
 
     mlp = next(g for g in groups if g.members == ("mlp.gate_proj", "mlp.up_proj"))
     assert mlp.producer == "post_attention_layernorm" and mlp.fold == "norm" and mlp.alpha > 0
@@ -182,7 +194,9 @@ def test_a_fold_that_changes_the_block_is_undone(tiny_model_dir, tokenizer):
     modules = {n: (lin, W3G32) for n, lin in linear_modules(block).items()}
     gate_up = block.mlp.gate_proj.weight.clone()
 
-    groups, scales, _ = AWQ().scale_block(block, modules, lambda: model(input_ids=ids))
+    groups, scales, _ = AWQ().scale_block(
+        block, modules, lambda: model(input_ids=ids, use_cache=False)
+    )
 
     mlp = next(g for g in groups if g.members == ("mlp.gate_proj", "mlp.up_proj"))
     assert mlp.producer == "post_attention_layernorm" and mlp.alpha > 0
@@ -218,7 +232,7 @@ def test_under_bfloat16_forwards_folds_are_checked_in_float32_on_the_first_posit
 
     def forward():
         with precision.module_runs("cpu", torch.float32):
-            model(input_ids=ids)
+            model(input_ids=ids, use_cache=False)
 
     try:
         with precision.forward_dtype(torch.bfloat16):
@@ -479,6 +493,29 @@ def test_weight_means_match_a_plain_loop(group_size):
     )
 
 
+@pytest.mark.parametrize("duo", ["off", "on"])
+def test_scales_of_channels_reading_one_producer_channel_are_tied(duo):
+    """Four input channels read two producer channels (0, 1, 0, 1): the scales the search
+    returns are equal on 0 and 2 and on 1 and 3 (the means of the untied ones), in both
+    families."""
+    torch.manual_seed(0)
+    x_mean = torch.tensor([0.5, 4.0, 2.0, 1.0])
+    w = torch.randn(6, 4)
+    reads = torch.tensor([0, 1, 0, 1])
+
+    def loss(candidates):  # the output error on inputs of those means
+        return float(((candidates[0] - w) * x_mean).pow(2).sum())
+
+    found = search_scales(x_mean, [w], [QuantScheme(4, -1, False)], loss, 5, duo=duo, reads=reads)
+    s = found.scales
+    assert torch.equal(s[0], s[2]) and torch.equal(s[1], s[3]) and not torch.equal(s[0], s[1])
+    untied = awq_scales(
+        x_mean, found.alpha, weight_means([w], [QuantScheme(4, -1, False)]) if found.duo else None
+    )
+    torch.testing.assert_close(s, untied.view(2, 2).mean(dim=0).repeat(2))
+    assert found.alpha > 0
+
+
 def test_duo_scales_divide_by_the_weights_means():
     x_mean = torch.tensor([0.5, 2.0, 8.0, 1.0])
     w_mean = torch.tensor([0.9, 0.2, 0.5, 0.0])  # the last: a channel whose weights are zero
@@ -602,12 +639,16 @@ def test_awq_beats_rtn_through_the_walker(tiny_model_dir, tokenizer):
 
     errors, results, events = {}, {}, {}
     layers: dict[str, list] = {}
+    # The ablations fit every Linear on the float block's inputs, aimed at its weights
+    # (not true-sequential, no propagation), so that each differs from the next in one step.
+    on_float = {"true_sequential": False, "propagate": 0.0, "propagate_model": False}
     methods = (
         ("rtn", RTN()),
         ("awq", AWQ()),
-        ("awq-nodescent", AWQ(descent_passes=0)),
-        ("awq-norefit", AWQ(refit=False, descent_passes=0)),
-        ("awq-noclip", AWQ(clip=False, refit=False, descent_passes=0)),
+        ("awq-float", AWQ(**on_float)),
+        ("awq-nodescent", AWQ(descent_passes=0, **on_float)),
+        ("awq-norefit", AWQ(refit=False, descent_passes=0, **on_float)),
+        ("awq-noclip", AWQ(clip=False, refit=False, descent_passes=0, **on_float)),
     )
     for name, method in methods:
         model = _fresh(tiny_model_dir)
@@ -651,8 +692,104 @@ def test_awq_beats_rtn_through_the_walker(tiny_model_dir, tokenizer):
 
     # Coordinate descent moves codes (zero points kept) and brings layer 1's outputs closer
     # still.
-    moved = sum(int((results["awq"][k].codes != refit[k].codes).sum()) for k in layer0)
+    descended = results["awq-float"]
+    moved = sum(int((descended[k].codes != refit[k].codes).sum()) for k in layer0)
     assert moved > 0
     for k in layer0:
-        assert torch.equal(results["awq"][k].zeros, refit[k].zeros), k
-    assert layers["awq"][0].output_error < 0.95 * layers["awq-nodescent"][0].output_error
+        assert torch.equal(descended[k].zeros, refit[k].zeros), k
+    assert layers["awq-float"][0].output_error < 0.95 * layers["awq-nodescent"][0].output_error
+    # Later Linears fitted on what the rounded block feeds them and aimed at the float
+    # model's outputs: the held-out logits come closer to the float model's.
+    assert errors["awq"] < errors["awq-float"]
+
+
+class _Stop(Exception):
+    pass
+
+
+def _model_forward(model, ids):
+    """A walker-style `forward(stop_after=...)` over the whole tiny model: with `stop_after`,
+    the pass ends once those modules are about to run."""
+
+    def forward(stop_after=()):
+        seen = set()
+
+        def hook(mod, _args):
+            seen.add(id(mod))
+            if len(seen) == len(stop_after):
+                raise _Stop
+
+        handles = [m.register_forward_pre_hook(hook) for m in stop_after]
+        try:
+            return model(input_ids=ids, use_cache=False)
+        except _Stop:
+            return None
+        finally:
+            for h in handles:
+                h.remove()
+
+    return forward
+
+
+def _io(module, run):
+    """The inputs and outputs `module` saw during `run()`, concatenated over calls."""
+    xs, ys = [], []
+
+    def keep(_m, args, out) -> None:  # returns None: the output stays as it is
+        xs.append(args[0])
+        ys.append(out)
+
+    h = module.register_forward_hook(keep)
+    try:
+        run()
+    finally:
+        h.remove()
+    return torch.cat(xs).flatten(0, -2), torch.cat(ys).flatten(0, -2)
+
+
+@torch.no_grad()
+def test_true_sequential_fits_later_steps_on_what_the_rounded_block_feeds_them(
+    tiny_model_dir, tokenizer
+):
+    """o_proj reads what the rounded q/k/v give it. Fitted on those inputs X~ (true-sequential)
+    its rounding error (W - Q) X~ is lower than when fitted on the float block's inputs; aimed
+    at the float block's outputs (propagate), Q X~ comes closer to what the float o_proj gave
+    on its float inputs. q/k/v, the first step, are the same in all three."""
+    # Damped little, so that what each fit minimises is close to the error measured here.
+    light = {"damp_per_feature": 0.0, "propagate_model": False}
+    variants = {
+        "float-inputs": AWQ(true_sequential=False, propagate=0.0, **light),
+        "sequential": AWQ(true_sequential=True, propagate=0.0, **light),
+        "propagated": AWQ(true_sequential=True, propagate=1.0, **light),
+    }
+    model, ids, _, block, modules = _second_block(tiny_model_dir, tokenizer, 4, 0)
+    _, float_out = _io(block.self_attn.o_proj, lambda: model(input_ids=ids, use_cache=False))
+    AWQ().scale_block(block, modules, _model_forward(model, ids))
+    scaled_w = block.self_attn.o_proj.weight.float().clone()  # the float weight once folded
+
+    results, inputs_now = {}, {}
+    for name, awq in variants.items():
+        model, ids, _, block, modules = _second_block(tiny_model_dir, tokenizer, 4, 0)
+        for step in ("q_proj", "k_proj", "v_proj"):  # 2 bits: o_proj's X~ far from X
+            modules[f"self_attn.{step}"] = (modules[f"self_attn.{step}"][0], W2G32)
+        passes = []
+        forward = _model_forward(model, ids)
+
+        def counted(stop_after=(), forward=forward, passes=passes):
+            passes.append(len(stop_after))
+            return forward(stop_after)
+
+        results[name] = awq.quantize_block(block, modules, counted, lambda *_: None)
+        inputs_now[name], _ = _io(block.self_attn.o_proj, forward)
+        # One recording pass, then (true-sequential) one pass stopped before each later step.
+        assert passes == ([0] if name == "float-inputs" else [0, 1, 1, 1])
+    for step in ("q_proj", "k_proj", "v_proj"):
+        codes = [r[f"self_attn.{step}"].codes for r in results.values()]
+        assert all(torch.equal(codes[0], c) for c in codes[1:]), step
+    x = inputs_now["sequential"]
+    assert torch.equal(x, inputs_now["float-inputs"]) and torch.equal(x, inputs_now["propagated"])
+    o = {name: r["self_attn.o_proj"].dequantize(torch.float32) for name, r in results.items()}
+    fit = {name: float(((scaled_w - q) @ x.t()).pow(2).sum()) for name, q in o.items()}
+    assert fit["sequential"] < 0.97 * fit["float-inputs"]
+    aim = {name: float((x @ q.t() - float_out).pow(2).sum()) for name, q in o.items()}
+    assert aim["propagated"] < 0.97 * aim["sequential"]
