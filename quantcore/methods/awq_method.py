@@ -38,8 +38,13 @@ One block at a time, in four steps:
    Three seeds, same setting: +12.5% -> +9.9% perplexity, KL 0.121 -> 0.107, for about 5 s
    a pass (three by default).
 
-All statistics come from the float block (not true-sequential): AWQ's choices are local to a
-group and the cost stays at one pass plus the grid of module re-runs.
+The scale search runs on the float block: its choices are local to a group. Step 4 is
+true-sequential (`true_sequential`): the Linears of each step after the first (o; gate/up;
+down) are clipped, refit and descended on what the block gives them once the steps before
+are rounded (one pass stopped before the step), and with `propagate` every Linear is aimed,
+that fraction of the least-squares step, at what the float model computes from its own inputs
+(`propagate_model`: the walker runs each block's float model alongside) instead of at its
+float weights (gptq.propagation_target, GPTAQ / QEP).
 """
 
 from __future__ import annotations

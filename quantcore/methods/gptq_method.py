@@ -35,6 +35,8 @@ alongside, which costs a float pass per block and the float inputs of every Line
 on that setting: +10.50%, KL 0.1056, but about 1.5x the time and +160 MB peak RSS.
 `awq_duo` chooses AWQ's duo scaling for those scales (awq.search_scales); "on" gave +10.7%
 perplexity, KL 0.105 over three seeds where the default ("off") gave +11.0%, KL 0.102.
+`awq_shared_values` (off) also scales o_proj under grouped-query attention (awq_method's
+`shared_values`): seeds 0-2 gave +10.6% perplexity, KL 0.103, against +10.1%, KL 0.104.
 `awq_scales=False, mse=False, refit=False, damp_per_feature=0` is plain GPTQ.
 
 On a CPU with AVX512-BF16 the walker runs the block passes and the scale search with bfloat16
