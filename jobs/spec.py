@@ -243,8 +243,9 @@ class AWQOptions(BaseModel):
         default=AWQ_PROPAGATE,
         ge=0,
         le=1,
-        description="With true_sequential: aim each later Linear at what the float block "
-        "computes (GPTAQ/QEP), this fraction of the least-squares step; 0: at the float weights.",
+        description="Aim every Linear, this fraction of the least-squares step, at what the "
+        "float model (propagate_model) or the float block computes from its own inputs "
+        "(GPTAQ/QEP); 0: at its float weights. Needs true_sequential or propagate_model.",
     )
     propagate_model: bool = Field(
         default=AWQ_PROPAGATE_MODEL,

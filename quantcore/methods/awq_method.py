@@ -519,6 +519,10 @@ class AWQ:
         # +9.9% perplexity, KL 0.107; true-sequential alone +10.5%, KL 0.106; aimed at the
         # float block +9.9% (0.25), +9.1% (0.5), +9.9% (1.0), KL 0.098-0.103; aimed at the
         # float model with 0.5 +8.6%, KL 0.097, in about the same time (+0.2 GB peak RSS).
+        if propagate and not (true_sequential or propagate_model):
+            raise ValueError("propagate needs true_sequential or propagate_model")
+        if propagate_model and not propagate:
+            raise ValueError("propagate_model needs propagate above 0")
         self.propagate_model = propagate_model
         self.true_sequential = true_sequential
         self.propagate = propagate

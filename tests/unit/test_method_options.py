@@ -32,3 +32,19 @@ def test_spec_forward_dtypes_are_the_pipelines():
     field = CalibrationSpec.model_fields["forward_dtype"]
     assert get_args(field.annotation) == FORWARD_DTYPES
     assert field.default == Calibration().forward_dtype == "auto"
+
+
+@pytest.mark.parametrize(
+    ("options", "message"),
+    [
+        ({"propagate": 0.5, "true_sequential": False, "propagate_model": False}, "propagate needs"),
+        ({"propagate": 0.0, "propagate_model": True}, "propagate_model needs"),
+    ],
+)
+def test_awq_propagation_without_its_parts_is_refused_as_the_method_would(options, message):
+    from pydantic import ValidationError
+
+    with pytest.raises(ValidationError, match=message):
+        AWQOptions(**options)
+    with pytest.raises(ValueError, match=message):
+        AWQ(**options)
