@@ -86,6 +86,7 @@ METHODS = {
     # Aimed at the float model's outputs (its inputs to each block run alongside).
     "awqtsm50": ("awq", {"true_sequential": True, "propagate": 0.5, "propagate_model": True}),
     "awqtsm25": ("awq", {"true_sequential": True, "propagate": 0.25, "propagate_model": True}),
+    "awqtsm75": ("awq", {"true_sequential": True, "propagate": 0.75, "propagate_model": True}),
     # Duo scaling (AutoAWQ's, llm-compressor's default): s = mean|x|^a / w_mean^(1 - a).
     "awqduo": ("awq", {"duo_scaling": "on"}),
     "awqboth": ("awq", {"duo_scaling": "both"}),
