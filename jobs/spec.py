@@ -116,6 +116,10 @@ DAMP_PER_FEATURE = 0.7
 AWQ_TRUE_SEQUENTIAL = True
 AWQ_PROPAGATE = 0.5
 AWQ_PROPAGATE_MODEL = True
+SHARED_VALUES_HELP = (
+    "Under grouped-query attention, also scale o_proj (tied over the query heads that read "
+    "one value head, folded into v_proj)."
+)
 
 DuoScaling = Annotated[
     Literal["off", "on", "both"],
@@ -168,8 +172,7 @@ class GPTQOptions(BaseModel):
     awq_duo: DuoScaling = "off"
     awq_shared_values: bool = Field(
         default=False,
-        description="Under grouped-query attention, also scale o_proj (tied over the query "
-        "heads that read one value head, folded into v_proj).",
+        description=SHARED_VALUES_HELP,
     )
     refit: bool = Field(
         default=True,
@@ -254,8 +257,7 @@ class AWQOptions(BaseModel):
     )
     shared_values: bool = Field(
         default=False,
-        description="Under grouped-query attention, also scale o_proj (tied over the query "
-        "heads that read one value head, folded into v_proj).",
+        description=SHARED_VALUES_HELP,
     )
 
     @model_validator(mode="after")

@@ -63,7 +63,13 @@ from quantcore.methods.awq import (
     clip_weight,
     search_scales,
 )
-from quantcore.methods.base import ModuleDone, QuantScheme, install_quantized, relative_error
+from quantcore.methods.base import (
+    ModuleDone,
+    QuantScheme,
+    group_by_input,
+    install_quantized,
+    relative_error,
+)
 from quantcore.methods.gptq import (
     accumulate_cross,
     accumulate_hessian,
@@ -260,21 +266,6 @@ def _scaled_cross(
         c = accumulate_cross(c, n, scaled(xf, s_floats).sub_(xq), xq)
         n += xq.reshape(-1, width).shape[0]
     return c
-
-
-def _steps(rec: _Recorder, modules: dict) -> list[list[str]]:
-    """The quantized Linears grouped by the input they share (q/k/v; gate/up; o; down), in
-    the order the block first ran them."""
-    steps: list[list[str]] = []
-    for name, x in rec.first_input.items():  # insertion order: the order they ran
-        if name not in modules:
-            continue
-        same = next((st for st in steps if rec.first_input[st[0]] is x), None)
-        if same is None:
-            steps.append([name])
-        else:
-            same.append(name)
-    return steps
 
 
 def _inputs_now(forward: Callable[..., object], lin: nn.Module) -> list[torch.Tensor]:
@@ -583,7 +574,10 @@ class AWQ:
         # Step 4: clip and round. Inputs are those of the scaled block: X / s.
         member_scale = {n: s for g, s in zip(groups, scales, strict=True) for n in g.members}
         out: dict[str, QuantizedWeight] = {}
-        for k, step in enumerate(_steps(rec, modules)):
+        # The quantized Linears by shared input (q/k/v; o; gate/up; down), in the order
+        # they ran.
+        steps = group_by_input(rec.first_input, [n for n in rec.first_input if n in modules])
+        for k, step in enumerate(steps):
             s = member_scale.get(step[0])
             if k and self.true_sequential:
                 # What the block, its earlier steps rounded, feeds this step (already X / s).
@@ -606,12 +600,14 @@ class AWQ:
                 x_clip = _subsample(xs, self.clip_tokens)
                 if s is not None:
                     x_clip = x_clip / s.to(x_clip.device)
+            del xs, floats
             for name in step:
                 lin, scheme = modules[name]
                 qw = self._round(lin, scheme, x_clip, hessian, cross)
                 err = install_quantized(lin, qw)
                 out[name] = qw
                 on_module(name, qw, err)
+                rec.inputs[name] = []  # rounded: its recorded inputs are not read again
         return out
 
     def _round(
@@ -729,17 +725,7 @@ class AWQ:
         self, block: nn.Module, linears: dict[str, nn.Linear], rec: _Recorder
     ) -> list[GroupResult]:
         """Linears sharing one first-call input tensor, each with its foldable producer."""
-        groups: list[list[str]] = []
-        for name in linears:
-            if name not in rec.first_input:
-                continue
-            x = rec.first_input[name]
-            for members in groups:
-                if rec.first_input[members[0]] is x:
-                    members.append(name)
-                    break
-            else:
-                groups.append([name])
+        groups = group_by_input(rec.first_input, [n for n in linears if n in rec.first_input])
         result = []
         for members in groups:
             g = GroupResult(tuple(members), _common_parent(tuple(members)))

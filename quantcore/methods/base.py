@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import re
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from typing import Protocol
 
@@ -74,6 +74,20 @@ class LayerMethod(Protocol):
         forward: Callable[..., list[torch.Tensor] | None],
         on_module: ModuleDone,
     ) -> dict[str, QuantizedWeight]: ...
+
+
+def group_by_input(first_input: dict[str, torch.Tensor], names: Iterable[str]) -> list[list[str]]:
+    """`names` grouped by the very tensor each first read (q/k/v; gate/up share one), the
+    groups in the order of their first member in `names`."""
+    groups: list[list[str]] = []
+    for name in names:
+        x = first_input[name]
+        same = next((g for g in groups if first_input[g[0]] is x), None)
+        if same is None:
+            groups.append([name])
+        else:
+            same.append(name)
+    return groups
 
 
 def relative_error(ref: torch.Tensor, approx: torch.Tensor) -> float:

@@ -55,7 +55,7 @@ import torch
 from torch import nn
 
 from quantcore.methods.awq_method import AWQ
-from quantcore.methods.base import ModuleDone, QuantScheme, install_quantized
+from quantcore.methods.base import ModuleDone, QuantScheme, group_by_input, install_quantized
 from quantcore.methods.gptq import (
     GPTQConfig,
     accumulate_cross,
@@ -166,14 +166,7 @@ class _Stats:
 
     def steps(self) -> list[list[str]]:
         """The modules grouped by shared input (q/k/v; gate/up), in the order they ran."""
-        out: list[list[str]] = []
-        for name, x in self.first_input.items():  # insertion order: the order they ran
-            same = next((s for s in out if self.first_input[s[0]] is x), None)
-            if same is None:
-                out.append([name])
-            else:
-                same.append(name)
-        return out
+        return group_by_input(self.first_input, self.first_input)  # insertion: run order
 
     def remove(self) -> None:
         for h in self._handles:
