@@ -87,6 +87,11 @@ METHODS = {
     "awqtsm50": ("awq", {"true_sequential": True, "propagate": 0.5, "propagate_model": True}),
     "awqtsm25": ("awq", {"true_sequential": True, "propagate": 0.25, "propagate_model": True}),
     "awqtsm75": ("awq", {"true_sequential": True, "propagate": 0.75, "propagate_model": True}),
+    # The scale search judging each alpha by plain RTN (AWQ's way, the default before
+    # session 16), by RTN then a scale refit (the default), and with a code descent too.
+    "awqsfrtn": ("awq", {"search_fit": "rtn"}),
+    "awqsfr": ("awq", {"search_fit": "refit"}),
+    "awqsfd": ("awq", {"search_fit": "descent"}),
     # Duo scaling (AutoAWQ's, llm-compressor's default): s = mean|x|^a / w_mean^(1 - a).
     "awqduo": ("awq", {"duo_scaling": "on"}),
     "awqboth": ("awq", {"duo_scaling": "both"}),

@@ -130,6 +130,8 @@ DuoScaling = Annotated[
     ),
 ]
 
+SearchFit = Literal["rtn", "refit", "descent"]
+
 
 class GPTQOptions(BaseModel):
     model_config = ConfigDict(extra="forbid")
@@ -259,6 +261,12 @@ class AWQOptions(BaseModel):
         default=False,
         description=SHARED_VALUES_HELP,
     )
+    search_fit: SearchFit = Field(
+        default="refit",
+        description="How the scale search rounds each candidate: rtn; refit (then the group "
+        "scales fitted on the inputs' Hessian); descent (refit, code descent, refit).",
+    )
+    search_descent: int = Field(default=1, ge=1, le=8, description="Passes for descent.")
 
     @model_validator(mode="after")
     def _propagation_needs_its_parts(self) -> AWQOptions:

@@ -125,6 +125,7 @@ def search_scales(
     stride: int = 1,
     duo: str = "off",
     reads: torch.Tensor | None = None,
+    fit: Callable[[int, torch.Tensor, torch.Tensor], torch.Tensor] | None = None,
 ) -> ScaleSearch:
     """Choose alpha for a group of weights [out_i, in] that read one input with per-channel
     mean |x| `x_mean` [in].
@@ -145,6 +146,10 @@ def search_scales(
     `reads` (input channel -> the producer channel it reads, where several read one) ties the
     scales: each is the mean over the channels reading one producer channel (tie_scales), so
     that one 1/s per producer channel folds them all.
+
+    `fit(i, w_scaled, s)`, where given, rounds weight i's scaled candidate W * s [out, in]
+    (fp32, a buffer it may overwrite) and returns it dequantized, in place of plain RTN: the
+    search then judges each alpha by the rounding the weights will really get.
     """
     if duo not in DUO_MODES:
         raise ValueError(f"duo must be one of {', '.join(DUO_MODES)}, got {duo!r}")
@@ -163,12 +168,17 @@ def search_scales(
     def evaluate(s: torch.Tensor) -> float:
         s = s.to(weights[0].device)
         candidates = []
-        for w, scheme, buf in zip(weights, schemes, buffers, strict=True):
+        for i, (w, scheme, buf) in enumerate(zip(weights, schemes, buffers, strict=True)):
             if buf is None:
                 candidates.append(w.float())
-            else:
-                torch.mul(w, s, out=buf)
-                candidates.append(fake_quantize_(buf, scheme, scale_dtype or w.dtype).div_(s))
+                continue
+            torch.mul(w, s, out=buf)
+            rounded = (
+                fake_quantize_(buf, scheme, scale_dtype or w.dtype)
+                if fit is None
+                else fit(i, buf, s)
+            )
+            candidates.append(rounded.div_(s))
         return float(loss(candidates))
 
     results = []  # (loss, alpha index, family's w_mean, every loss tried)

@@ -73,6 +73,7 @@ from quantcore.methods.base import (
 from quantcore.methods.gptq import (
     accumulate_cross,
     accumulate_hessian,
+    damped,
     data_damp,
     descend_codes,
     divide_by_scales_,
@@ -467,6 +468,9 @@ def _shared_values(block: nn.Module, v_name: str, v_out: int, o_in: int) -> torc
     return (c // d // groups) * d + c % d
 
 
+SEARCH_FITS = ("rtn", "refit", "descent")
+
+
 class AWQ:
     name = "awq"
     needs_calibration = True
@@ -492,7 +496,18 @@ class AWQ:
         propagate: float = 0.5,
         propagate_model: bool = True,
         shared_values: bool = False,
+        search_fit: str = "refit",
+        search_descent: int = 1,
     ):
+        if search_fit not in SEARCH_FITS:
+            raise ValueError(
+                f"search_fit must be one of {', '.join(SEARCH_FITS)}, got {search_fit!r}"
+            )
+        # How the scale search rounds each candidate: "rtn" as AWQ does; "refit" also fits
+        # the group scales to the codes on the inputs' Hessian, "descent" then moves the
+        # codes too (`search_descent` passes), as step 4 will.
+        self.search_fit = search_fit
+        self.search_descent = search_descent
         # Under grouped-query attention, scale o_proj too, tied across the query heads that
         # read one value head and folded into v_proj's rows. Off: on SmolLM2 w4 g64 asym
         # (three seeds) it gave +10.5% perplexity where plain rounding of o_proj gave +9.9%,
@@ -806,6 +821,11 @@ class AWQ:
                 total += float((_first(inspected(*a, **kw)).float() - ref).pow(2).sum())
             return total / numel
 
+        fit = None
+        if self.search_fit != "rtn":
+            fit = self._search_fit(
+                rec.inputs[g.members[0]], originals, schemes, members[0].weight.dtype
+            )
         try:
             return search_scales(
                 rec.x_mean(g.members[0]),
@@ -817,10 +837,38 @@ class AWQ:
                 self.search_stride,
                 self.duo_scaling,
                 g.reads,
+                fit,
             )
         finally:
             for m, w in zip(members, originals, strict=True):
                 m.weight.data.copy_(w)
+
+    def _search_fit(
+        self, inputs: list[torch.Tensor], weights: list[torch.Tensor], schemes, dtype: torch.dtype
+    ):
+        """The scale search's rounding of a candidate W * s: RTN, then the scales re-fitted
+        (and with "descent" the codes descended) on the Hessian of the inputs X / s."""
+        hessian, n = _scaled_hessian(inputs, None)
+        damp = data_damp(self.damp, self.damp_per_feature, hessian.shape[0], n)
+        # W H once per weight: (W * s) (H / s s^T + D) = (W H) / s + (W * s) D, D being what
+        # damping adds to the diagonal (refit_scales' most costly product, once per alpha).
+        weights_h: dict[int, torch.Tensor] = {}
+
+        def fit(i: int, ws: torch.Tensor, s: torch.Tensor) -> torch.Tensor:
+            scheme = schemes[i]
+            h = divide_by_scales_(hessian.clone(), s)
+            if i not in weights_h:
+                weights_h[i] = weights[i].float() @ hessian
+            added = damped(h, damp).diagonal().sub_(h.diagonal())
+            wh = (weights_h[i] / s).addcmul_(ws, added)
+            qw = quantize_rtn(ws, scheme.bits, scheme.group_size, scheme.symmetric, dtype)
+            qw = refit_scales(ws, h, qw, damp, wh)
+            if self.search_fit == "descent":
+                qw = descend_codes(ws, h, qw, damp, self.search_descent)
+                qw = refit_scales(ws, h, qw, damp)
+            return ws.copy_(qw.dequantize(torch.float32))
+
+        return fit
 
     @staticmethod
     def _same_start(ref: torch.Tensor, held: torch.Tensor) -> bool:

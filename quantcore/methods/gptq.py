@@ -447,14 +447,19 @@ def _group_sum(x: torch.Tensor, gs: int, n_groups: int) -> torch.Tensor:
 
 @torch.no_grad()
 def refit_scales(
-    weight: torch.Tensor, hessian: torch.Tensor, qw: QuantizedWeight, damp: float
+    weight: torch.Tensor,
+    hessian: torch.Tensor,
+    qw: QuantizedWeight,
+    damp: float,
+    weight_h: torch.Tensor | None = None,
 ) -> QuantizedWeight:
     """The group scales that, with `qw`'s codes and zero points kept, minimise GPTQ's own
     objective (w - q)^T H (w - q) for each row: q is linear in the row's scales, so they solve
     a small least-squares system [n_groups, n_groups] per row. GPTQ chose its codes with
     scales fitted to the weights alone (min/max or the MSE search); this makes them fit the
     inputs too. A row keeps its scales unless the new ones are all positive and lower its
-    loss once rounded to the scale dtype."""
+    loss once rounded to the scale dtype. `weight_h`, where the caller has it, is
+    weight @ damped(hessian) (AWQ's scale search refits one weight under many scales)."""
     out_f, in_f = qw.codes.shape
     gs, n_groups = qw.group_size, qw.scales.shape[1]
     if qw.g_idx is not None:
@@ -463,7 +468,7 @@ def refit_scales(
     h = damped(hessian, damp)
     group = torch.arange(in_f, device=w.device) // gs
     d = qw.codes.float().sub_(qw.zeros.float()[:, group])  # q = d * scale (per group)
-    rhs = _group_sum(d * (w @ h), gs, n_groups)  # [out, G]
+    rhs = _group_sum(d * (w @ h if weight_h is None else weight_h), gs, n_groups)  # [out, G]
     gram = torch.empty(out_f, n_groups, n_groups, device=w.device)
     for g in range(n_groups):
         # Each row's Gram matrix is symmetric: the blocks from group g on, mirrored (half
