@@ -471,6 +471,64 @@ def test_a_strided_search_finds_a_smooth_curves_minimum_in_fewer_tries():
         search_scales(x.abs().mean(0), [w], [W3G32], loss, grid=10, stride=0)
 
 
+def test_a_search_with_a_fit_judges_each_alpha_by_that_rounding():
+    g = torch.Generator().manual_seed(2)
+    x = torch.randn(256, 64, generator=g)
+    x[:, [2, 30]] *= 25
+    w = torch.randn(16, 64, generator=g)
+    ref = x @ w.t()
+    given = []
+
+    def fit(i, ws, s):
+        given.append((i, ws.clone(), s.clone()))
+        return ws.copy_(fake_quantize(ws, W2G32))  # a coarser rounding than the scheme's
+
+    def loss(candidates):
+        return float((x @ candidates[0].t() - ref).pow(2).mean())
+
+    found = search_scales(x.abs().mean(0), [w], [W3G32], loss, grid=8, fit=fit)
+    assert len(given) == 8
+    for k, (i, ws, s) in enumerate(given):
+        assert i == 0
+        assert torch.equal(s, awq_scales(x.abs().mean(0), found.alphas[k]))
+        assert torch.allclose(ws, w * s)
+    # Each loss is that of fit's rounding, divided back by s: not the scheme's RTN.
+    s = found.scales
+    assert found.losses[found.alphas.index(found.alpha)] == pytest.approx(
+        loss([fake_quantize(w * s, W2G32) / s]), rel=1e-5
+    )
+    assert found.losses[0] == loss([fake_quantize(w, W2G32)])
+    assert found.losses[0] != loss([fake_quantize(w, W3G32)])
+
+
+@pytest.mark.parametrize("mode", ["refit", "descent"])
+def test_the_search_fit_is_rtn_then_the_refit_on_the_scaled_inputs_hessian(mode):
+    from quantcore.methods.awq_method import _scaled_hessian
+    from quantcore.methods.gptq import data_damp, descend_codes, divide_by_scales_, refit_scales
+
+    g = torch.Generator().manual_seed(3)
+    w = torch.randn(48, 128, generator=g)
+    inputs = [torch.randn(2, 40, 128, generator=g) * (torch.rand(128, generator=g) * 4 + 0.1)]
+    inputs[0][..., 7] = 0  # an input that never fires: damping revives it in H
+    s = torch.rand(128, generator=g) + 0.5
+    method = AWQ(search_fit=mode, search_descent=2)
+    fit = method._search_fit(inputs, [w], [W3G32], torch.float32)
+    got = fit(0, w * s, s)
+    # Written out: H of X / s, RTN of W * s, the scales refitted (W H precomputed inside).
+    h, n = _scaled_hessian(inputs, None)
+    h = divide_by_scales_(h, s)
+    damp = data_damp(method.damp, method.damp_per_feature, 128, n)
+    ws = w * s
+    qw = refit_scales(ws, h, quantize_rtn(ws, 3, 32, False, torch.float32), damp)
+    if mode == "descent":
+        qw = refit_scales(ws, h, descend_codes(ws, h, qw, damp, 2), damp)
+    assert torch.allclose(got, qw.dequantize(torch.float32), atol=1e-5)
+    plain = quantize_rtn(ws, 3, 32, False, torch.float32).dequantize(torch.float32)
+    assert not torch.allclose(got, plain, atol=1e-3)  # the refit moved the scales
+    with pytest.raises(ValueError, match="search_fit must be one of"):
+        AWQ(search_fit="gptq")
+
+
 @pytest.mark.parametrize("group_size", [16, 24, -1])
 def test_weight_means_match_a_plain_loop(group_size):
     g = torch.Generator().manual_seed(4)
