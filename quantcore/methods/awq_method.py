@@ -512,7 +512,7 @@ class AWQ:
         # costs some three refits, not measured end to end). An
         # exponent judged by plain RTN is the best one for a rounding step 4 does not do.
         # SmolLM2 w4 g64 asym, seeds 0-2 on an AMD EPYC: rtn +9.40% perplexity, KL 0.0998;
-        # refit +9.29%, KL 0.0952 (lower on every seed), the walk about +20% longer.
+        # refit +9.29%, KL 0.0952 (lower on every seed), the walk up to 20% longer.
         self.search_fit = search_fit
         self.search_descent = search_descent
         # Under grouped-query attention, scale o_proj too, tied across the query heads that
