@@ -76,7 +76,6 @@ from quantcore.methods.base import (
 from quantcore.methods.gptq import (
     accumulate_cross,
     accumulate_hessian,
-    damped,
     data_damp,
     descend_codes,
     divide_by_scales_,
@@ -167,6 +166,7 @@ class _Recorder:
         # Each module holding a Linear: the first sequence of its output on the first call
         # (to check that slicing its calls to fewer sequences slices them right).
         self.held_outputs: dict[str, torch.Tensor] = {}
+        self._hessians: dict[str, tuple[torch.Tensor, int]] = {}
         self._first_call = True
         self._last_abs: tuple[torch.Tensor, tuple[torch.Tensor, int]] | None = None
         holders = {""}
@@ -230,12 +230,25 @@ class _Recorder:
         self._last_abs = None
 
     def release(self) -> None:
-        """Drop the recorded tensors (inputs, module calls, first-call outputs); the per-channel
-        means and the block's outputs stay."""
+        """Drop the recorded tensors (inputs, module calls, first-call outputs, Hessians); the
+        per-channel means and the block's outputs stay."""
         for kept in (self.inputs, self.calls):
             for k in kept:
                 kept[k] = []
         self.first_outputs, self.first_input, self.held_outputs = [], {}, {}
+        self._hessians = {}
+
+    def hessian(self, name: str) -> tuple[torch.Tensor, int]:
+        """2/n sum x x^T of `name`'s recorded inputs, and n: computed once, for the scale
+        search's refit and for step 4 on the recorded inputs. Not to be modified."""
+        if name not in self._hessians:
+            self._hessians[name] = _scaled_hessian(self.inputs[name], None)
+        return self._hessians[name]
+
+    def drop(self, name: str) -> None:
+        """Forget `name`'s recorded inputs and Hessian (it is rounded)."""
+        self.inputs[name] = []
+        self._hessians.pop(name, None)
 
     def x_mean(self, name: str) -> torch.Tensor:
         return self.abs_sum[name] / self.count[name]
@@ -509,8 +522,8 @@ class AWQ:
         # How the scale search rounds each candidate: "rtn" as AWQ does; "refit" also fits
         # the group scales to the codes on the inputs' Hessian, as step 4 will; "descent"
         # then moves the codes too (`search_descent` passes; a pass on a 1536 x 576 weight
-        # costs some three refits, not measured end to end). An
-        # exponent judged by plain RTN is the best one for a rounding step 4 does not do.
+        # costs some three refits, not measured end to end). An exponent judged by plain
+        # RTN is the best one for a rounding step 4 does not do.
         # SmolLM2 w4 g64 asym, seeds 0-2 on an AMD EPYC: rtn +9.40% perplexity, KL 0.0998;
         # refit +9.29%, KL 0.0952 (lower on every seed), the walk up to 20% longer.
         self.search_fit = search_fit
@@ -601,11 +614,12 @@ class AWQ:
         steps = group_by_input(rec.first_input, [n for n in rec.first_input if n in modules])
         for k, step in enumerate(steps):
             s = member_scale.get(step[0])
-            if k and self.true_sequential:
+            recorded = not (k and self.true_sequential)
+            if recorded:
+                xs = rec.inputs[step[0]]
+            else:
                 # What the block, its earlier steps rounded, feeds this step (already X / s).
                 xs, s = _inputs_now(forward, block.get_submodule(step[0])), None
-            else:
-                xs = rec.inputs[step[0]]
             # The float inputs the step is aimed at: the float model's (`propagate_model`;
             # None in the first block, where they are the recorded ones) or the float block's.
             floats = rec.inputs[step[0]]
@@ -614,7 +628,11 @@ class AWQ:
             hessian: tuple[torch.Tensor, int] | None = None
             cross = None
             if self.refit or self.descent_passes or self.propagate:
-                hessian = _scaled_hessian(xs, s)
+                if recorded:  # the scale search may have computed it already
+                    h, n = rec.hessian(step[0])
+                    hessian = (h if s is None else divide_by_scales_(h.clone(), s), n)
+                else:
+                    hessian = _scaled_hessian(xs, s)
                 if self.propagate and floats is not xs:
                     cross = _scaled_cross(floats, xs, member_scale.get(step[0]), s)
             x_clip = None
@@ -629,7 +647,7 @@ class AWQ:
                 err = install_quantized(lin, qw)
                 out[name] = qw
                 on_module(name, qw, err)
-                rec.inputs[name] = []  # rounded: its recorded inputs are not read again
+                rec.drop(name)  # rounded: its recorded inputs are not read again
         return out
 
     def _round(
@@ -831,7 +849,7 @@ class AWQ:
         fit = None
         if self.search_fit != "rtn":
             fit = self._search_fit(
-                rec.inputs[g.members[0]], originals, schemes, members[0].weight.dtype
+                rec.hessian(g.members[0]), originals, schemes, members[0].weight.dtype
             )
         try:
             return search_scales(
@@ -851,25 +869,29 @@ class AWQ:
                 m.weight.data.copy_(w)
 
     def _search_fit(
-        self, inputs: list[torch.Tensor], weights: list[torch.Tensor], schemes, dtype: torch.dtype
+        self,
+        hessian: tuple[torch.Tensor, int],
+        weights: list[torch.Tensor],
+        schemes,
+        dtype: torch.dtype,
     ):
         """The scale search's rounding of a candidate W * s: RTN, then the scales re-fitted
-        (and with "descent" the codes descended) on the Hessian of the inputs X / s."""
-        hessian, n = _scaled_hessian(inputs, None)
-        damp = data_damp(self.damp, self.damp_per_feature, hessian.shape[0], n)
-        # W H once per weight: (W * s) (H / s s^T + D) = (W H) / s + (W * s) D, D being what
-        # damping adds to the diagonal (refit_scales' most costly product, once per alpha).
-        weights_h: dict[int, torch.Tensor] = {}
+        (and with "descent" the codes descended) on `hessian` (of the inputs X) scaled to
+        X / s."""
+        h_x, n = hessian
+        damp = data_damp(self.damp, self.damp_per_feature, h_x.shape[0], n)
+        # (W * s) (H / s s^T) = (W H) / s: refit_scales' most costly product, once per weight
+        # rather than once per exponent.
+        weights_h = [
+            None if scheme is None else w.float() @ h_x
+            for w, scheme in zip(weights, schemes, strict=True)
+        ]
 
         def fit(i: int, ws: torch.Tensor, s: torch.Tensor) -> torch.Tensor:
             scheme = schemes[i]
-            h = divide_by_scales_(hessian.clone(), s)
-            if i not in weights_h:
-                weights_h[i] = weights[i].float() @ hessian
-            added = damped(h, damp).diagonal().sub_(h.diagonal())
-            wh = (weights_h[i] / s).addcmul_(ws, added)
+            h = divide_by_scales_(h_x.clone(), s)
             qw = quantize_rtn(ws, scheme.bits, scheme.group_size, scheme.symmetric, dtype)
-            qw = refit_scales(ws, h, qw, damp, wh)
+            qw = refit_scales(ws, h, qw, damp, weights_h[i] / s)
             if self.search_fit == "descent":
                 qw = descend_codes(ws, h, qw, damp, self.search_descent)
                 qw = refit_scales(ws, h, qw, damp)

@@ -459,7 +459,8 @@ def refit_scales(
     scales fitted to the weights alone (min/max or the MSE search); this makes them fit the
     inputs too. A row keeps its scales unless the new ones are all positive and lower its
     loss once rounded to the scale dtype. `weight_h`, where the caller has it, is
-    weight @ damped(hessian) (AWQ's scale search refits one weight under many scales)."""
+    weight @ hessian (AWQ's scale search refits one weight under many scales and derives
+    it from one product)."""
     out_f, in_f = qw.codes.shape
     gs, n_groups = qw.group_size, qw.scales.shape[1]
     if qw.g_idx is not None:
@@ -468,7 +469,12 @@ def refit_scales(
     h = damped(hessian, damp)
     group = torch.arange(in_f, device=w.device) // gs
     d = qw.codes.float().sub_(qw.zeros.float()[:, group])  # q = d * scale (per group)
-    rhs = _group_sum(d * (w @ h if weight_h is None else weight_h), gs, n_groups)  # [out, G]
+    if weight_h is None:
+        wh = w @ h
+    else:  # damping changed only the diagonal
+        wh = weight_h.float().addcmul(w, h.diagonal() - hessian.diagonal().float())
+    rhs = _group_sum(d * wh, gs, n_groups)  # [out, G]
+    del wh
     gram = torch.empty(out_f, n_groups, n_groups, device=w.device)
     for g in range(n_groups):
         # Each row's Gram matrix is symmetric: the blocks from group g on, mirrored (half

@@ -514,7 +514,7 @@ def test_the_search_fit_is_rtn_then_the_refit_on_the_scaled_inputs_hessian(mode)
     inputs[0][..., 7] = 0  # an input that never fires: damping revives it in H
     s = torch.rand(128, generator=g) + 0.5
     method = AWQ(search_fit=mode, search_descent=2)
-    fit = method._search_fit(inputs, [w], [W3G32], torch.float32)
+    fit = method._search_fit(_scaled_hessian(inputs, None), [w], [W3G32], torch.float32)
     got = fit(0, w * s, s)
     # Written out: H of X / s, RTN of W * s, the scales refitted (W H precomputed inside).
     h, n = _scaled_hessian(inputs, None)
